@@ -1,0 +1,17 @@
+"""The errors moe_compile raises on bad input; each message names the problem and the fix."""
+
+
+class MoECompileError(ValueError):
+    """Base of every moe_compile error."""
+
+
+class NoFFNFoundError(MoECompileError):
+    """convert() found no feed-forward block it could rewrite."""
+
+
+class RecipeError(MoECompileError):
+    """A saved model directory is damaged or does not match the model it is loaded into."""
+
+
+class LoweringError(MoECompileError):
+    """An export target cannot express a layer."""

@@ -1,0 +1,46 @@
+"""DenseFFN: the weights of one dense feed-forward block, in nn.Linear layout ([out, in]).
+
+plain:  y = W_down act(W_up x + b_up) + b_down
+gated:  y = W_down (act(W_gate x + b_gate) * (W_up x + b_up)) + b_down      (SwiGLU when act = silu)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .activations import ACTIVATIONS
+
+
+@dataclass
+class DenseFFN:
+    up_weight: torch.Tensor  # [d_ff, d_model]
+    up_bias: Optional[torch.Tensor]  # [d_ff]
+    down_weight: torch.Tensor  # [d_model, d_ff]
+    down_bias: Optional[torch.Tensor]  # [d_model]
+    activation: str
+    gate_weight: Optional[torch.Tensor] = None  # [d_ff, d_model], gated FFNs only
+    gate_bias: Optional[torch.Tensor] = None
+    dropout: float = 0.0
+
+    @property
+    def gated(self) -> bool:
+        return self.gate_weight is not None
+
+    @property
+    def d_model(self) -> int:
+        return self.up_weight.shape[1]
+
+    @property
+    def d_ff(self) -> int:
+        return self.up_weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense FFN itself (no dropout): the reference every expert construction is checked against."""
+        act = ACTIVATIONS[self.activation]
+        h = F.linear(x, self.up_weight, self.up_bias)
+        h = act(F.linear(x, self.gate_weight, self.gate_bias)) * h if self.gated else act(h)
+        return F.linear(h, self.down_weight, self.down_bias)

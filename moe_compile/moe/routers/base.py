@@ -1,0 +1,81 @@
+"""Router base: score tokens, then let the routing fill the expert slots.
+
+    logits = x W_r^T                    (W_r: [E, d]; in training x is first scaled by U(1 - eps, 1 + eps) jitter)
+    probs  = softmax(logits)            (fp32)
+    dispatch = route(probs)             (the template method each routing implements)
+
+A Dispatch is a table of E x C expert slots: slot (e, c) holds token `slot_token[e, c]` (T, one past the last
+token, when empty) with gate `slot_weight[e, c]`. Every routing, dropless or not, is computed from this table,
+in eager PyTorch and in the exported graph alike.
+
+Auxiliary losses (computed in training and eval, read by `moe_compile.aux_loss`):
+    load balancing (Switch Transformer)  L_lb = E * sum_e f_e * P_e   (f_e = share of routing choices that
+                                                                        picked e, P_e = mean prob of e)
+    router z-loss (ST-MoE)               L_z  = mean_t logsumexp(logits_t)^2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Dispatch:
+    slot_token: torch.Tensor  # [E, C] int64, token index or T for an empty slot
+    slot_weight: torch.Tensor  # [E, C] gate of each slot (0 for empty slots)
+    expert_fraction: torch.Tensor  # [E] share of routing choices per expert, f_e of the load-balancing loss
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor  # [T, E]
+    probs: torch.Tensor  # [T, E] fp32
+    dispatch: Dispatch
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        num_experts = self.probs.shape[-1]
+        balance = num_experts * (self.dispatch.expert_fraction * self.probs.mean(0)).sum()
+        z_loss = torch.logsumexp(self.logits.float(), dim=-1).pow(2).mean()
+        return {"load_balancing": balance, "z_loss": z_loss}
+
+
+def capacity(tokens: Union[int, torch.SymInt], factor: float, k: int, num_experts: int) -> Union[int, torch.SymInt]:
+    """C = min(ceil(factor * tokens * k / E), tokens), in integer arithmetic so that it stays exact on the
+    symbolic token count of an exported graph."""
+    num, den = Fraction(factor).limit_denominator(1 << 16).as_integer_ratio()
+    return torch.sym_min((num * tokens * k + den * num_experts - 1) // (den * num_experts), tokens)
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor, jitter: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.jitter = jitter
+
+    @property
+    def routing(self) -> str:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.training and self.jitter > 0:
+            flat = flat * torch.empty_like(flat).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(flat, self.weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        return RouterOutput(logits, probs, self.route(probs, x.shape[:-1]))
+
+    def route(self, probs: torch.Tensor, token_shape: torch.Size) -> Dispatch:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"routing={self.routing}, experts={self.num_experts}, top_k={self.top_k}, "
+                f"capacity_factor={self.capacity_factor}")

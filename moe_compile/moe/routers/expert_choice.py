@@ -1,0 +1,41 @@
+"""Expert-choice routing (Zhou et al. 2022): within each routing group of S tokens, expert e takes the
+C = ceil(cf * S * k / E) tokens with the highest p_{t,e}, gate = p_{t,e}. Balanced by construction; a token
+may get no expert (its FFN output is zero) or several.
+
+Not causal: whether token t is picked depends on the scores of every token of its group, later ones
+included, so an autoregressive decoder sees the future through routing.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from .base import Dispatch, Router, capacity
+
+
+class ExpertChoiceRouter(Router):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float,
+                 group: Union[str, int] = "sequence", jitter: float = 0.0):
+        super().__init__(d_model, num_experts, top_k, capacity_factor, jitter)
+        self.group = group
+
+    @property
+    def routing(self) -> str:
+        return "expert_choice"
+
+    def route(self, probs: torch.Tensor, token_shape: torch.Size) -> Dispatch:
+        tokens, num_experts = probs.shape
+        group = token_shape[-1] if self.group == "sequence" else self.group
+        if not torch.compiler.is_exporting() and tokens % group:
+            raise ValueError(f"expert_choice routes groups of {group} tokens, but this batch has {tokens} tokens, "
+                             f"not a multiple of {group}. Pad the batch, or use expert_choice_group='sequence'.")
+        scores = probs.view(-1, group, num_experts).transpose(1, 2)  # [G, E, S]
+        slots = capacity(group, self.capacity_factor, self.top_k, num_experts)
+        gates, picked = scores.topk(slots, dim=-1)  # [G, E, C]
+        offsets = torch.arange(scores.shape[0], device=probs.device).view(-1, 1, 1) * group
+        slot_token = (picked + offsets).permute(1, 0, 2).reshape(num_experts, -1)
+        slot_weight = gates.permute(1, 0, 2).reshape(num_experts, -1)
+        expert_fraction = torch.full((num_experts,), 1.0 / num_experts, device=probs.device)
+        return Dispatch(slot_token, slot_weight, expert_fraction)

@@ -1,0 +1,173 @@
+"""FFN patterns over a torch.fx graph, as node predicates.
+
+    plain   x -> up -> act -> down [-> dropout]                 ->  MoE(x)
+    gated   x -> gate -> act --\
+            x -> up -----------* -> down [-> dropout]           ->  MoE(x)
+
+where up, gate and down are projections (nn.Linear, Conv1D, ...), act is any node that computes a known
+activation (a module such as nn.GELU or NewGELUActivation, F.gelu(..., approximate=...), F.silu, x.relu(), ...)
+and dropout an nn.Dropout module or F.dropout. Matching (`match_ffns`) finds the anchor shape; checking
+(`check_match`) says why a match cannot be rewritten; neither changes the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..moe import DenseFFN, identify_activation
+from .capture import Projection, as_projection
+
+
+@dataclass
+class FFNMatch:
+    input: fx.Node  # x
+    up: fx.Node
+    down: fx.Node
+    act: fx.Node
+    output: fx.Node  # the last node replaced: down, or the dropout after it
+    gate: Optional[fx.Node] = None
+    mul: Optional[fx.Node] = None
+    dropout: float = 0.0
+    activation: str = ""
+    projections: dict[str, Projection] = field(default_factory=dict)
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        """Every node the rewrite replaces, in graph order."""
+        inner = [self.up, self.gate, self.act, self.mul, self.down, self.output]
+        unique = {id(n): n for n in inner if n is not None}
+        order = {n: i for i, n in enumerate(self.down.graph.nodes)}
+        return sorted(unique.values(), key=order.__getitem__)
+
+    @property
+    def pattern(self) -> str:
+        kind = self.projections["up"].kind
+        act = self.activation
+        core = f"{kind}(gate) -> {act} * {kind}(up) -> {kind}(down)" if self.gated else f"{kind} -> {act} -> {kind}"
+        return core + (" -> Dropout" if self.output is not self.down else "")
+
+    def dense_ffn(self) -> DenseFFN:
+        up, down, gate = self.projections["up"], self.projections["down"], self.projections.get("gate")
+        return DenseFFN(up_weight=up.weight, up_bias=up.bias, down_weight=down.weight, down_bias=down.bias,
+                        activation=self.activation,
+                        gate_weight=gate.weight if gate else None, gate_bias=gate.bias if gate else None,
+                        dropout=self.dropout)
+
+
+def _module(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
+    return root.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _projection(node: fx.Node, root: nn.Module) -> Optional[Projection]:
+    module = _module(node, root)
+    if module is None or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None
+    return as_projection(module)
+
+
+def _activation(node: fx.Node, root: nn.Module) -> Optional[str]:
+    """The activation a node computes of its single tensor input, found by evaluating it on a probe."""
+    tensor_inputs = [a for a in node.all_input_nodes]
+    if len(tensor_inputs) != 1 or node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    if node.op == "call_module":
+        module = _module(node, root)
+        if any(True for _ in module.parameters()) or len(node.args) != 1:
+            return None
+        return identify_activation(module)
+    if not isinstance(node.args[0], fx.Node) or node.args[0] is not tensor_inputs[0]:
+        return None
+    rest, kwargs = node.args[1:], node.kwargs
+    if node.op == "call_function":
+        return identify_activation(lambda x: node.target(x, *rest, **kwargs))
+    return identify_activation(lambda x: getattr(x, node.target)(*rest, **kwargs))
+
+
+def _dropout(node: fx.Node, root: nn.Module) -> Optional[float]:
+    module = _module(node, root)
+    if isinstance(module, nn.Dropout):
+        return module.p
+    if node.op == "call_function" and node.target is nn.functional.dropout:
+        return node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    return None
+
+
+def _is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or \
+        (node.op == "call_method" and node.target == "mul")
+
+
+def match_ffns(gm_root: nn.Module, graph: fx.Graph) -> list[FFNMatch]:
+    """Every FFN anchored at a down projection whose input is an activation (plain) or act * up (gated)."""
+    matches = []
+    for down in graph.nodes:
+        down_proj = _projection(down, gm_root)
+        if down_proj is None:
+            continue
+        h = down.args[0]
+        match = _match_plain(h, down, gm_root) or _match_gated(h, down, gm_root)
+        if match is None:
+            continue
+        match.projections["down"] = down_proj
+        users = list(down.users)
+        if len(users) == 1 and (p := _dropout(users[0], gm_root)) is not None:
+            match.output, match.dropout = users[0], p
+        matches.append(match)
+    return matches
+
+
+def _match_plain(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatch]:
+    activation = _activation(h, root)
+    if activation is None:
+        return None
+    up = h.all_input_nodes[0]
+    up_proj = _projection(up, root)
+    if up_proj is None:
+        return None
+    return FFNMatch(input=up.args[0], up=up, down=down, act=h, output=down, activation=activation,
+                    projections={"up": up_proj})
+
+
+def _match_gated(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatch]:
+    if not _is_mul(h) or len(h.args) != 2 or not all(isinstance(a, fx.Node) for a in h.args):
+        return None
+    for act, up in (h.args, h.args[::-1]):
+        activation = _activation(act, root)
+        if activation is None:
+            continue
+        gate = act.all_input_nodes[0]
+        gate_proj, up_proj = _projection(gate, root), _projection(up, root)
+        if gate_proj is None or up_proj is None or gate.args[0] is not up.args[0]:
+            continue
+        return FFNMatch(input=up.args[0], up=up, down=down, act=act, output=down, gate=gate, mul=h,
+                        activation=activation, projections={"up": up_proj, "gate": gate_proj})
+    return None
+
+
+def check_match(match: FFNMatch) -> Optional[str]:
+    """Why this match cannot become an MoE layer, or None when it can."""
+    up, down = match.projections["up"], match.projections["down"]
+    gate = match.projections.get("gate")
+    if up.out_features != down.in_features or up.in_features != down.out_features:
+        return (f"shapes do not form an FFN: up is {up.in_features}->{up.out_features}, "
+                f"down is {down.in_features}->{down.out_features}")
+    if gate is not None and gate.weight.shape != up.weight.shape:
+        return f"gate projection {tuple(gate.weight.shape)} and up projection {tuple(up.weight.shape)} differ"
+    dtypes = {p.weight.dtype for p in match.projections.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        return f"projection weights must share one floating dtype, found {sorted(map(str, dtypes))}"
+    inner = [n for n in match.nodes if n is not match.output]
+    escaping = [n.name for n in inner if any(u not in match.nodes for u in n.users)]
+    if escaping:
+        return f"intermediate values {escaping} are also used outside the FFN"
+    return None

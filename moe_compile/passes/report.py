@@ -1,0 +1,58 @@
+"""What a pass did: one SiteReport per FFN site it found, one ModuleNote per traced module without a site."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from ..config import MoEConfig
+
+
+@dataclass
+class SiteReport:
+    name: str  # qualified name of the FFN: the module it replaced, or "<block>:<up node>..<down node>" inline
+    module: str  # qualified name of the traced module whose graph holds the site
+    pattern: str  # e.g. "Linear -> gelu -> Linear -> Dropout"
+    d_model: int
+    d_ff: int
+    bias: bool
+    gated: bool
+    action: str  # "found" | "converted" | "skipped"
+    reason: str = ""  # what was done, or why it was skipped
+
+
+@dataclass
+class ModuleNote:
+    module: str
+    outcome: str  # "no FFN pattern" or "not traceable: ..."
+
+
+@dataclass
+class ConversionReport:
+    sites: list[SiteReport] = field(default_factory=list)
+    notes: list[ModuleNote] = field(default_factory=list)
+    config: Optional[MoEConfig] = None
+
+    @property
+    def converted(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.action == "converted"]
+
+    @property
+    def skipped(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.action == "skipped"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict() if self.config else None,
+                "sites": [asdict(s) for s in self.sites], "notes": [asdict(n) for n in self.notes]}
+
+    def table(self) -> str:
+        rows = [("site", "pattern", "d_model", "d_ff", "action", "detail")]
+        rows += [(s.name or "<root>", s.pattern, str(s.d_model), str(s.d_ff), s.action, s.reason) for s in self.sites]
+        rows += [(n.module or "<root>", "-", "-", "-", "searched", n.outcome) for n in self.notes]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(line.rstrip() for line in lines)
+
+    def __str__(self) -> str:
+        return self.table()
