@@ -12,6 +12,7 @@ Routings (E experts, T tokens, k experts per token):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -79,8 +80,10 @@ class MoEConfig:
 
         if self.capacity_factor is None:
             self.capacity_factor = _DEFAULT_CAPACITY[self.routing]
-        if self.capacity_factor is not None and not (self.capacity_factor > 0):
-            _fail("capacity_factor", f"got {self.capacity_factor!r}, a capacity must be > 0",
+        if self.capacity_factor is not None and not (
+                isinstance(self.capacity_factor, (int, float)) and not isinstance(self.capacity_factor, bool)
+                and 0 < self.capacity_factor < math.inf):
+            _fail("capacity_factor", f"got {self.capacity_factor!r}, a capacity must be a finite number > 0",
                   "Use 1.0 to 2.0, or None (token_choice) for dropless routing.")
         if self.routing == "expert_choice" and self.capacity_factor is None:
             _fail("capacity_factor", "expert_choice needs a capacity", "Use capacity_factor=1.0.")

@@ -42,8 +42,8 @@ def upcycle(ffn: DenseFFN, num_experts: int, noise: float, generator: torch.Gene
     def copies(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         stacked = _stack(t, num_experts)
         if stacked is not None and noise > 0 and t.dim() == 2:
-            scale = noise * t.detach().float().std()
-            stacked += (torch.randn(stacked.shape, generator=generator) * scale).to(stacked.dtype)
+            scale = noise * float(t.detach().float().std())
+            stacked += (torch.randn(stacked.shape, generator=generator) * scale).to(stacked.device, stacked.dtype)
         return stacked
 
     return ExpertWeights(

@@ -81,7 +81,11 @@ class MoELayer(nn.Module):
         padded = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
         expert_in = padded[slot_token].view(self.num_experts, -1, flat.shape[1])
         expert_out = self.experts_forward(expert_in).reshape(-1, flat.shape[1]) * gates
-        y = torch.zeros_like(padded).index_add(0, slot_token, expert_out)[:tokens]
+        # summed in at least fp32: a no-op for fp32 and fp64, more accurate for fp16/bf16, and ONNX Runtime's CPU
+        # ScatterND-add has no fp16
+        acc = torch.promote_types(x.dtype, torch.float32)
+        y = padded.new_zeros(padded.shape, dtype=acc).index_add(0, slot_token, expert_out.to(acc))
+        y = y[:tokens].to(x.dtype)
         if self.output_bias is not None:
             y = y + self.output_bias
 

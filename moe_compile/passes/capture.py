@@ -63,8 +63,15 @@ def as_projection(module: nn.Module) -> Optional[Projection]:
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, module) of every module with >= 2 projection children, children before parents."""
+    """(qualified name, module) of every module with >= 2 projection children, children before parents.
+
+    A module used at several places (shared across layers) is yielded once, under its first name."""
+    seen: set[int] = set()
+
     def visit(prefix: str, module: nn.Module):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
         for name, child in module.named_children():
             yield from visit(f"{prefix}.{name}" if prefix else name, child)
         if sum(as_projection(child) is not None for child in module.children()) >= 2:

@@ -40,11 +40,15 @@ def rewrite_inline(module: nn.Module, graph: fx.Graph, replacements: list[tuple[
 
 
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` at qualified `name` of root; returns the root (which is `new` itself when name is '')."""
+    """Put `new` at qualified `name` of root, and wherever else root uses that same module object (a module
+    shared across layers stays shared); returns the root (which is `new` itself when name is '')."""
     if not name:
         return new
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+    old = root.get_submodule(name)
+    aliases = [(parent, attr) for parent in root.modules()  # _modules: named_children() skips repeats
+               for attr, child in parent._modules.items() if child is old]
+    for parent, attr in aliases:
+        setattr(parent, attr, new)
     return root
 
 
