@@ -1,0 +1,115 @@
+"""Parameter and FLOP counts of a model's FFN sites, dense vs MoE (multiply-adds count 2 FLOPs).
+
+Per site, with d = d_model, f = d_ff, g = 3 projections for gated FFNs and 2 otherwise, E experts of width m
+(m = f for upcycled experts, f / E for split ones) and k_avg experts per token:
+    dense params   g*d*f + biases
+    MoE params     E * (g*d*m + per-expert biases) + shared output bias + router d*E
+    dense FLOPs    2*g*d*f per token
+    MoE FLOPs      2*d*E (router) + k_avg * 2*g*d*m per token (active experts only)
+k_avg is top_k for switch and token_choice (an upper bound when a capacity drops tokens) and
+min(capacity_factor * top_k, E) for expert_choice, where each expert takes C = capacity_factor * T * k / E tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from .config import MoEConfig
+from .passes import SiteReport, find_ffn_blocks
+
+
+@dataclass
+class SiteStats:
+    name: str
+    d_model: int
+    d_ff: int
+    gated: bool
+    dense_params: int
+    moe_params: int
+    dense_flops: int
+    moe_flops: float
+
+
+@dataclass
+class ModelStats:
+    sites: list[SiteStats]
+    dense_total_params: int  # the whole model, dense
+    moe_total_params: int  # the whole model, converted
+
+    @property
+    def dense_flops(self) -> int:
+        return sum(s.dense_flops for s in self.sites)
+
+    @property
+    def moe_flops(self) -> float:
+        return sum(s.moe_flops for s in self.sites)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sites": [asdict(s) for s in self.sites], "dense_total_params": self.dense_total_params,
+                "moe_total_params": self.moe_total_params, "dense_ffn_flops_per_token": self.dense_flops,
+                "moe_ffn_flops_per_token": self.moe_flops}
+
+    def table(self) -> str:
+        rows = [("site", "d_model", "d_ff", "dense params", "MoE params", "dense FLOPs/tok", "MoE FLOPs/tok")]
+        rows += [(s.name or "<root>", str(s.d_model), str(s.d_ff), f"{s.dense_params:,}", f"{s.moe_params:,}",
+                  f"{s.dense_flops:,}", f"{s.moe_flops:,.0f}") for s in self.sites]
+        rows.append(("FFN total", "", "", f"{sum(s.dense_params for s in self.sites):,}",
+                     f"{sum(s.moe_params for s in self.sites):,}", f"{self.dense_flops:,}", f"{self.moe_flops:,.0f}"))
+        rows.append(("model total", "", "", f"{self.dense_total_params:,}", f"{self.moe_total_params:,}", "", ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def site_stats(site: SiteReport, config: MoEConfig) -> SiteStats:
+    """Counts for one FFN site converted with `config`."""
+    d, f, experts = site.d_model, site.d_ff, config.num_experts
+    projections = 3 if site.gated else 2
+    in_bias = (2 if site.gated else 1) if site.bias else 0  # bias vectors of width d_ff (up, and gate)
+    out_bias = d if site.bias else 0
+    if config.experts == "upcycle":
+        width, expert_out_bias, shared_out_bias = f, out_bias, 0
+    else:
+        width, expert_out_bias, shared_out_bias = f // experts, 0, out_bias
+    if config.routing == "expert_choice":
+        k_avg = min(config.capacity_factor * config.top_k, experts)
+    else:
+        k_avg = config.top_k
+    expert_flops = 2 * projections * d * width
+    return SiteStats(
+        name=site.name, d_model=d, d_ff=f, gated=site.gated,
+        dense_params=projections * d * f + in_bias * f + out_bias,
+        moe_params=(experts * (projections * d * width + in_bias * width + expert_out_bias) + shared_out_bias
+                    + d * experts),
+        dense_flops=2 * projections * d * f,
+        moe_flops=2 * d * experts + k_avg * expert_flops,
+    )
+
+
+def model_stats(model: nn.Module, config: Optional[MoEConfig] = None) -> ModelStats:
+    """Counts for every FFN site of `model`, dense vs MoE.
+
+    A converted model is counted with its own sites and MoEConfig; a dense one with the sites `convert`
+    would change and `config` (default MoEConfig()), which is checked against each site as convert does.
+    """
+    report = getattr(model, "moe_report", None)
+    converted = report is not None
+    if converted:
+        config, sites = report.config, report.converted
+    else:
+        config = config if config is not None else MoEConfig()
+        sites = [s for s in find_ffn_blocks(model).sites if s.action == "found"]
+        for site in sites:
+            config.check_ffn_width(site.d_ff, site.name)
+    stats = [site_stats(site, config) for site in sites]
+    dense_ffn, moe_ffn = sum(s.dense_params for s in stats), sum(s.moe_params for s in stats)
+    total = sum(p.numel() for p in model.parameters())
+    other = total - (moe_ffn if converted else dense_ffn)
+    return ModelStats(stats, dense_total_params=other + dense_ffn, moe_total_params=other + moe_ffn)
