@@ -1,0 +1,191 @@
+"""moe-compile: inspect, convert, export and check the MoE conversion of GPT-style models.
+
+    moe-compile inspect (--example NAME | --hf DIR | --model DIR) [MoEConfig flags]
+    moe-compile convert (--example NAME | --hf DIR) --out DIR [MoEConfig flags]
+    moe-compile export MODEL_DIR --target {ort,portable} --out FILE.onnx [--dtype fp32|fp16] [--batch B --seq S]
+    moe-compile check MODEL_DIR FILE.onnx [--json] [--dtype fp32|fp16] [--batch B --seq S]
+
+Bad input prints one line `moe-compile: error: ...` to stderr and exits 2; a failed parity check exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import COMBINES, EXPERT_BUILDERS, ROUTER_INITS, ROUTINGS, SPLIT_STRATEGIES, MoEConfig
+from .example_models import EXAMPLE_MODELS, build_example
+from .passes import convert, find_ffn_blocks
+from .serialization import load, save
+from .stats import model_stats
+
+PROG = "moe-compile"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORT_SHAPE = (2, 16)  # default [batch, seq] of export's example inputs
+CHECK_SHAPE = (3, 23)  # check runs another shape by default, so a graph fixed to the export shape fails
+
+# MoEConfig fields settable from the command line: flag -> (type, help)
+CONFIG_FLAGS = {
+    "num_experts": (int, "experts per FFN site (default 8)"),
+    "top_k": (int, "experts per token (default 1 for switch, 2 otherwise)"),
+    "routing": (str, f"one of {', '.join(ROUTINGS)} (default token_choice)"),
+    "experts": (str, f"expert builder, one of {', '.join(EXPERT_BUILDERS)} (default upcycle)"),
+    "split_strategy": (str, f"for split experts, one of {', '.join(SPLIT_STRATEGIES)} (default kmeans)"),
+    "router_init": (str, f"one of {', '.join(ROUTER_INITS)} (default centroid for split, random for upcycle)"),
+    "capacity_factor": (float, "expert capacity factor (default: the routing's)"),
+    "combine": (str, f"one of {', '.join(COMBINES)} (default unweighted for split, weighted for upcycle)"),
+    "upcycle_noise": (float, "std of the noise added to upcycled experts, relative to the weights' (default 0)"),
+    "seed": (int, "seed of expert building and router initialisation (default 0)"),
+}
+
+
+class UsageError(Exception):
+    """Bad command-line input; main prints it on one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 parity failed, 2 bad input)."""
+    try:
+        args = _parser().parse_args(argv)
+        return args.handler(args)
+    except (UsageError, ValueError, OSError) as error:  # ValueError covers MoEConfig and every MoECompileError
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Convert the dense FFNs of GPT-style models into sparse MoE.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="FFN sites, shapes, parameters and FLOPs, dense vs MoE")
+    _add_source(inspect, saved=True)
+    _add_config_flags(inspect)
+    inspect.set_defaults(handler=_inspect)
+
+    conv = commands.add_parser("convert", help="convert a model and save it (weights + recipe)")
+    _add_source(conv, saved=False)
+    conv.add_argument("--out", required=True, metavar="DIR", help="directory to save the converted model to")
+    _add_config_flags(conv)
+    conv.set_defaults(handler=_convert)
+
+    export = commands.add_parser("export", help="lower a saved MoE model to ONNX")
+    export.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by moe-compile convert")
+    export.add_argument("--target", required=True, choices=("ort", "portable"))
+    export.add_argument("--out", required=True, metavar="FILE.onnx")
+    _add_run_flags(export, EXPORT_SHAPE, "precision of the ONNX graph (default: the model's)")
+    export.set_defaults(handler=_export)
+
+    check = commands.add_parser("check", help="run an ONNX file and compare it with eager PyTorch")
+    check.add_argument("model_dir", metavar="MODEL_DIR", help="the directory the ONNX file was exported from")
+    check.add_argument("onnx_path", metavar="FILE.onnx")
+    check.add_argument("--json", action="store_true", help="print the parity report as JSON")
+    _add_run_flags(check, CHECK_SHAPE, "precision the ONNX file was exported in (default: read from the file)")
+    check.set_defaults(handler=_check)
+    return parser
+
+
+def _add_source(parser: argparse.ArgumentParser, saved: bool) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--example", metavar="NAME", help=f"an embedded example GPT: {', '.join(EXAMPLE_MODELS)}")
+    source.add_argument("--hf", metavar="DIR", help="a local Hugging Face causal-LM directory (save_pretrained)")
+    if saved:
+        source.add_argument("--model", metavar="DIR", help="a converted model saved by moe-compile convert")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("MoEConfig", "unset fields take MoEConfig's defaults")
+    for name, (kind, text) in CONFIG_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), type=kind, help=text, default=argparse.SUPPRESS)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, shape: tuple[int, int], dtype_help: str) -> None:
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help=dtype_help)
+    parser.add_argument("--batch", type=int, default=shape[0], help=f"batch of the random inputs ({shape[0]})")
+    parser.add_argument("--seq", type=int, default=shape[1], help=f"sequence length of the random inputs ({shape[1]})")
+
+
+def _config(args: argparse.Namespace) -> MoEConfig:
+    return MoEConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS if hasattr(args, name)})
+
+
+def _dense_model(args: argparse.Namespace) -> nn.Module:
+    """The dense model named by --example or --hf."""
+    if args.example is not None:
+        return build_example(args.example)
+    if not Path(args.hf).is_dir():
+        raise UsageError(f"--hf {args.hf}: no such directory. Pass a directory written by save_pretrained.")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(args.hf, local_files_only=True).eval()
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    if getattr(args, "model", None) is not None:
+        given = [name for name in CONFIG_FLAGS if hasattr(args, name)]
+        if given:
+            raise UsageError(f"--model takes no MoEConfig flags (got --{given[0].replace('_', '-')}): a saved model "
+                             "keeps the config it was converted with. Drop the flags, or inspect --example/--hf.")
+        model = load(args.model)
+        stats, sites = model_stats(model), model.moe_report
+    else:
+        model = _dense_model(args)
+        stats, sites = model_stats(model, _config(args)), find_ffn_blocks(model)
+    print(sites.table())
+    print()
+    print(stats.table())
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    model = convert(_dense_model(args), _config(args))
+    print(model.moe_report.table())
+    print()
+    print(model_stats(model).table())
+    save(model, args.out)
+    print(f"\nsaved to {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    model = load(args.model_dir)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    report = export(model, _token_ids(model, args.batch, args.seq), args.out, target=args.target,
+                    dtype=DTYPES.get(args.dtype))
+    print(report.table())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .export import check_parity
+
+    if not Path(args.onnx_path).is_file():
+        raise UsageError(f"{args.onnx_path}: no such file. Write it first with moe-compile export.")
+    model = load(args.model_dir)
+    report = check_parity(model, args.onnx_path, _token_ids(model, args.batch, args.seq), dtype=DTYPES.get(args.dtype))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0 if report.passed else 1
+
+
+def _token_ids(model: nn.Module, batch: int, seq: int) -> tuple[torch.Tensor]:
+    """Seeded random token ids [batch, seq] (int64) from the model's vocabulary, as a 1-tuple of inputs."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise UsageError(f"{type(model).__name__} has no config.vocab_size to draw token ids from. Use the Python "
+                         "API (moe_compile.export / check_parity) with your own inputs.")
+    if batch < 1 or seq < 1:
+        raise UsageError(f"--batch and --seq must be positive, got {batch} and {seq}.")
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randint(0, vocab, (batch, seq), generator=generator),)

@@ -1,0 +1,120 @@
+"""moe_compile.export: a converted model -> one ONNX file, each MoE layer lowered for a target.
+
+Targets:
+  portable  standard ONNX ops only (no custom domain, no Loop/If): the MoE layer's own capacity-padded forward,
+            exported by the dynamo exporter. Tokens go into per-expert buffers of C slots, one batched MatMul
+            per projection runs every expert, the outputs are added back with their gates. C is integer
+            arithmetic on the symbolic token count, so the graph is static per token count and has the same
+            nodes for any number of experts. Dropless token choice takes C = T (one expert may receive every
+            token, so nothing is ever dropped), or C = min(ceil(cf T k / E), T) with export's capacity_factor.
+  ort       each MoE layer that com.microsoft.MoE expresses exactly becomes that one node (see ort_moe.py);
+            every other layer keeps the portable lowering and the report says why (or, with
+            fallback=False, export raises LoweringError).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..errors import LoweringError
+from ..moe import MoELayer, iter_moe_layers
+from ..passes.rewrite import replace_submodule
+from .model_io import Inputs, LogitsModel, as_input_tuple
+from .ort_moe import OP_NAME, OrtMoE, may_drop, ort_unsupported_reason
+from .report import ExportReport, LayerLowering
+
+TARGETS = ("portable", "ort")
+DTYPES = (torch.float32, torch.float16)
+
+
+def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLike], *, target: str = "portable",
+           dynamic: bool = True, dtype: Optional[torch.dtype] = None, capacity_factor: Optional[float] = None,
+           fallback: bool = True, opset: Optional[int] = None) -> ExportReport:
+    """Write `model` (called on `example_inputs`, returning logits) to the ONNX file `path`.
+
+    The model is deep-copied and put in eval mode (and cast to `dtype`, float32 or float16); the caller's model
+    is untouched. With dynamic=True the batch and sequence axes (dims 0 and 1 of every input) are dynamic.
+    capacity_factor sets C = min(ceil(cf T k / E), T) on dropless token-choice layers lowered portably (faster,
+    but may drop tokens the eager model keeps; the report says so). fallback=False makes target="ort" raise
+    LoweringError for a layer com.microsoft.MoE cannot express instead of lowering it portably. opset: the ONNX
+    opset (default: the exporter's).
+    """
+    if target not in TARGETS:
+        raise LoweringError(f"export: unknown target {target!r}. Choose one of {', '.join(TARGETS)} "
+                            "('portable' runs on any ONNX runtime; 'ort' uses ONNX Runtime's com.microsoft.MoE).")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export: model must be a torch.nn.Module, got {type(model).__name__}.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"export: dtype {dtype} is not supported. Use torch.float32 or torch.float16.")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"export: capacity_factor must be > 0, got {capacity_factor!r}. Use 1.25, say, or None "
+                         "(dropless, C = T).")
+    inputs = as_input_tuple(example_inputs, "export")
+
+    # the last forward's aux losses hold autograd graphs, which deepcopy refuses; the copy starts without them
+    work = copy.deepcopy(model, {id(layer.aux_losses): {} for _, layer in iter_moe_layers(model)}).eval()
+    if dtype is not None:
+        work = work.to(dtype)
+    dtype_name = str(dtype or next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32))
+    layers = []
+    for name, layer in list(iter_moe_layers(work)):
+        replacement, lowering = _lower(name, layer, target, capacity_factor, fallback)
+        layers.append(lowering)
+        if replacement is not None:
+            work = replace_submodule(work, name, replacement)
+
+    names = [f"input_{i}" for i in range(len(inputs))]
+    if len(inputs) == 1:
+        names = ["input" if inputs[0].is_floating_point() else "input_ids"]
+    dynamic_shapes = None
+    if dynamic:  # dims 0 and 1 (batch, sequence) of every input
+        dynamic_shapes = {"inputs": tuple({i: torch.export.Dim.DYNAMIC for i in range(min(t.dim(), 2))}
+                                          for t in inputs)}
+    program = torch.onnx.export(LogitsModel(work).eval(), inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                input_names=names, output_names=["logits"], opset_version=opset, verbose=False)
+    program.save(os.fspath(path))
+    return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
+                        opset=_opset_of(program))
+
+
+def _lower(name: str, layer: MoELayer, target: str, capacity_factor: Optional[float],
+           fallback: bool) -> tuple[Optional[nn.Module], LayerLowering]:
+    """The module that replaces `layer` in the copy (None: keep it, portable) and its line of the report."""
+    router = layer.router
+    routing = router.routing
+    reason = ort_unsupported_reason(layer) if target == "ort" else None
+    if target == "ort" and reason is None:
+        note = "" if capacity_factor is None else "capacity_factor ignored: the op is dropless and exact"
+        return OrtMoE(layer), LayerLowering(name, routing, OP_NAME, "none (dropless kernel)", False, note)
+    if reason is not None and not fallback:
+        raise LoweringError(f"export(target='ort'): layer {name!r} cannot be lowered to {OP_NAME}: {reason}. "
+                            "Use target='portable' (standard ONNX ops express it exactly), or fallback=True to "
+                            "lower only this layer portably.")
+    note = f"fallback: {reason}" if reason else ""
+    k, experts = router.top_k, router.num_experts
+    if routing == "expert_choice":
+        group = "S = sequence length" if router.group == "sequence" else f"S = {router.group}"
+        capacity = f"C = min(ceil({router.capacity_factor}*S*{k}/{experts}), S) per group, {group}"
+        return None, LayerLowering(name, routing, "portable", capacity, True, note or "drops as in eager")
+    set_by_export = router.capacity_factor is None and capacity_factor is not None
+    if set_by_export:
+        router.capacity_factor = capacity_factor  # on the copy; the caller's model stays dropless
+    factor = router.capacity_factor
+    if factor is None:
+        return None, LayerLowering(name, routing, "portable", "C = T (dropless)", False, note)
+    drops = may_drop(factor, k, experts)
+    if drops:
+        why = (f"capacity_factor={factor} set by export: may drop tokens that the dropless eager model keeps"
+               if set_by_export else "drops as in eager")
+        note = "; ".join(filter(None, [note, why]))
+    capacity = f"C = min(ceil({factor}*T*{k}/{experts}), T)"
+    return None, LayerLowering(name, routing, "portable", capacity, drops, note)
+
+
+def _opset_of(program) -> Optional[int]:
+    return next((entry.version for entry in program.model_proto.opset_import if entry.domain in ("", "ai.onnx")), None)

@@ -1,0 +1,101 @@
+"""The `ort` lowering: one MoELayer -> one ONNX Runtime `com.microsoft.MoE` node.
+
+What the op computes (ONNX Runtime >= 1.23 CPU kernel, checked against our eager layer in the tests):
+
+    p = softmax(router_logits)                              router_logits = x W_r^T, input 1
+    (g, e) = top-k of p;  g <- g / sum(g)  when normalize_routing_weights = 1
+    y = sum_i g_i FFN_{e_i}(x)                              every token, no capacity (dropless)
+    FFN_e(x) = fc2_w[e] act(fc1_w[e] x + fc1_b[e]) + fc2_b[e]        activation_type relu | gelu (tanh) | silu
+             = fc2_w[e] (silu(g) * u) + fc2_b[e], [g0, u0, g1, u1, ...] = fc1_w[e] x + fc1_b[e]
+                                                            swiglu with swiglu_fusion=1 (interleaved rows)
+
+A shared output bias (split experts) is an Add after the node. `ort_unsupported_reason` says why a layer
+computes something the op cannot; such layers keep the portable lowering.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..moe import MoELayer
+
+OP_NAME = "com.microsoft.MoE"
+
+# our activation name -> the op's activation_type (gelu there is the tanh approximation)
+_PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu", "silu": "silu"}
+
+
+def ort_unsupported_reason(layer: MoELayer) -> Optional[str]:
+    """Why com.microsoft.MoE cannot compute exactly what `layer` computes, or None when it can."""
+    router = layer.router
+    if router.routing == "expert_choice":
+        return "expert-choice routing (experts pick tokens); com.microsoft.MoE only routes tokens to experts"
+    if may_drop(router.capacity_factor, router.top_k, router.num_experts):
+        return (f"capacity_factor={router.capacity_factor} may drop tokens; com.microsoft.MoE is dropless "
+                "(use capacity_factor=None, or >= num_experts/top_k, for a dropless model)")
+    if layer.gated and layer.activation != "silu":
+        return f"gated {layer.activation} FFN; the CPU kernel of com.microsoft.MoE fuses only SwiGLU (silu gate)"
+    if not layer.gated and layer.activation == "gelu":
+        return "erf GELU; com.microsoft.MoE's gelu is the tanh approximation (about 3e-4 away)"
+    if not layer.gated and layer.activation not in _PLAIN_ACTIVATIONS:
+        return f"activation {layer.activation!r} is not among com.microsoft.MoE's activation types"
+    if layer.combine == "unweighted" and router.top_k > 1:
+        return (f"unweighted combine with top_k={router.top_k}; com.microsoft.MoE always weights expert outputs "
+                "by their gates")
+    return None
+
+
+def may_drop(capacity_factor: Optional[float], top_k: int, num_experts: int) -> bool:
+    """Token choice keeps every choice iff C = min(ceil(cf T k / E), T) = T for every T, i.e. cf k >= E."""
+    return capacity_factor is not None and capacity_factor * top_k < num_experts
+
+
+class OrtMoE(nn.Module):
+    """The com.microsoft.MoE node of one MoELayer; it exists only inside torch.onnx.export.
+
+    Holds the op's inputs as buffers, already in the op's layout, so the ONNX file stores them as initializers.
+    """
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        reason = ort_unsupported_reason(layer)
+        if reason is not None:
+            raise ValueError(f"OrtMoE: {reason}")
+        router = layer.router
+        self.top_k = router.top_k
+        # gate = p (switch, token choice without normalize) or p / sum of the k gates; unweighted k = 1 is p / p = 1
+        self.normalize = router.normalize or layer.combine == "unweighted"
+        self.activation = "swiglu" if layer.gated else _PLAIN_ACTIVATIONS[layer.activation]
+        fc1_weight, fc1_bias = layer.up_weight, layer.up_bias
+        if layer.gated:  # rows [gate_0, up_0, gate_1, up_1, ...]
+            fc1_weight = torch.stack([layer.gate_weight, layer.up_weight], dim=2).flatten(1, 2)
+            if layer.up_bias is not None or layer.gate_bias is not None:
+                zeros = layer.up_weight.new_zeros(layer.up_weight.shape[:2])
+                gate_bias = zeros if layer.gate_bias is None else layer.gate_bias
+                up_bias = zeros if layer.up_bias is None else layer.up_bias
+                fc1_bias = torch.stack([gate_bias, up_bias], dim=2).flatten(1, 2)
+        for name, value in (("router_weight", router.weight), ("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias),
+                            ("fc2_weight", layer.down_weight), ("fc2_bias", layer.down_bias),
+                            ("output_bias", layer.output_bias)):
+            self.register_buffer(name, None if value is None else value.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_exporting():
+            raise RuntimeError("OrtMoE is an ONNX node and computes nothing in eager PyTorch; it only exists in the "
+                               "copy that moe_compile.export lowers. Run the MoELayer it was built from instead.")
+        flat = x.reshape(-1, x.shape[-1])
+        attrs = {"k": self.top_k, "normalize_routing_weights": int(self.normalize),
+                 "activation_type": self.activation}
+        if self.activation == "swiglu":
+            attrs.update(swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+        y = torch.onnx.ops.symbolic(
+            "com.microsoft::MoE",
+            (flat, F.linear(flat, self.router_weight), self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias),
+            attrs, dtype=x.dtype, shape=flat.shape, version=1)
+        if self.output_bias is not None:
+            y = y + self.output_bias
+        return y.view(x.shape)

@@ -1,0 +1,130 @@
+"""check_parity: run an exported ONNX file in ONNX Runtime (CPU) and eager PyTorch on the same inputs, and compare.
+
+Per output, with a = ONNX Runtime, b = eager (the model as given, no_grad, eval mode), in float64:
+    max_abs  = max |a - b|
+    max_rel  = max |a - b| / max |b|           (relative to the output's scale, so near-zero entries do not blow up)
+    cosine   = <a, b> / (|a| |b|)              (flattened)
+    top1     = share of positions whose argmax over the last axis agrees    (LM logits: the greedy next token)
+Pass: max_abs <= the tolerance of the exported dtype (TOLERANCES) unless a tolerance is given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .model_io import Inputs, LogitsModel, as_input_tuple
+
+# Max abs error of the logits, ONNX Runtime vs eager PyTorch (the fp32 model), per exported dtype; stated for
+# logits of magnitude ~1 (max_rel is the scale-free figure). Measured on the 2-layer test models (nanoGPT, GPT-2,
+# LLaMA; ort and portable): fp32 <= 1e-6, fp16 <= 1.6e-3 (the fp16 rounding of weights and activations). In fp16 a
+# routing decision that is a near tie can flip (seen once with expert choice: one token picked by another expert,
+# max abs 0.5); the check then fails, as it should: the deployed model routes that token differently.
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+
+
+@dataclass
+class OutputParity:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1: Optional[float]  # argmax agreement over the last axis; None for outputs of rank < 2
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs <= self.tolerance
+
+
+@dataclass
+class ParityReport:
+    onnx_path: str
+    dtype: str
+    outputs: list[OutputParity] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"onnx_path": self.onnx_path, "dtype": self.dtype, "passed": self.passed,
+                "outputs": [dict(asdict(o), passed=o.passed) for o in self.outputs]}
+
+    def table(self) -> str:
+        rows = [("output", "shape", "max abs", "max rel", "cosine", "top-1", "tolerance", "result")]
+        rows += [(o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.cosine:.8f}",
+                  "-" if o.top1 is None else f"{o.top1:.2%}", f"{o.tolerance:g}", "PASS" if o.passed else "FAIL")
+                 for o in self.outputs]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        head = f"parity: {self.onnx_path} in ONNX Runtime (CPU) vs eager PyTorch, dtype={self.dtype}"
+        return "\n".join([head] + lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Inputs, *,
+                 dtype: Optional[torch.dtype] = None, tolerance: Optional[float] = None) -> ParityReport:
+    """Compare `onnx_path` run in ONNX Runtime (CPU) with `model` in eager PyTorch on `inputs`.
+
+    dtype (default: read from the ONNX file's output) picks the tolerance from TOLERANCES; `tolerance`
+    overrides it. Check at a batch/sequence shape other than the export's to catch shapes baked into the graph.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise ImportError("check_parity needs ONNX Runtime: pip install 'moe-compile[ort]'.") from error
+    inputs = as_input_tuple(inputs, "check_parity")
+    if not os.path.isfile(onnx_path):
+        raise FileNotFoundError(f"check_parity: no ONNX file at {os.fspath(onnx_path)!r}. Write one with "
+                                "moe_compile.export(model, example_inputs, path).")
+    session = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
+    session_inputs = session.get_inputs()
+    if len(session_inputs) != len(inputs):
+        raise ValueError(f"check_parity: {onnx_path} takes {len(session_inputs)} inputs "
+                         f"({', '.join(i.name for i in session_inputs)}), got {len(inputs)}.")
+    outputs = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, inputs)})
+    if dtype is None:
+        dtype = _ORT_TYPES.get(session.get_outputs()[0].type, torch.float32)
+    if tolerance is None:
+        if dtype not in TOLERANCES:
+            raise ValueError(f"check_parity: no tolerance stated for {dtype}; pass tolerance=...")
+        tolerance = TOLERANCES[dtype]
+
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            reference = LogitsModel(model.eval())(*inputs)
+    finally:
+        model.train(was_training)
+
+    report = ParityReport(onnx_path=os.fspath(onnx_path), dtype=str(dtype).removeprefix("torch."))
+    name = session.get_outputs()[0].name  # export writes one output, the logits
+    report.outputs.append(compare(name, np.asarray(outputs[0]), reference.float().cpu().numpy(), tolerance))
+    return report
+
+
+def compare(name: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> OutputParity:
+    """The error measures of the module docstring for one output."""
+    if got.shape != want.shape:
+        raise ValueError(f"check_parity: output {name!r} has shape {got.shape} in ONNX Runtime but {want.shape} "
+                         "in eager PyTorch; the export does not compute the same function.")
+    a, b = got.astype(np.float64), want.astype(np.float64)
+    max_abs = float(np.abs(a - b).max()) if a.size else 0.0
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    cosine = float(np.dot(a.ravel(), b.ravel()) / norms) if norms > 0 else float(np.array_equal(a, b))
+    top1 = float((a.argmax(-1) == b.argmax(-1)).mean()) if a.ndim >= 2 and a.size else None
+    return OutputParity(name, tuple(got.shape), max_abs, max_abs / scale if scale > 0 else max_abs, cosine, top1,
+                        tolerance)

@@ -1,0 +1,42 @@
+"""ExportReport: what moe_compile.export wrote, and how it lowered each MoE layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class LayerLowering:
+    name: str  # qualified name of the MoE layer in the model
+    routing: str  # switch | token_choice | expert_choice
+    lowering: str  # "com.microsoft.MoE" | "portable"
+    capacity: str  # the capacity C used, as a formula of the token count T (or group size S)
+    may_drop: bool  # whether the exported layer can leave a token's choice unprocessed
+    reason: str = ""  # why the layer fell back to the portable lowering, or a note on its capacity
+
+
+@dataclass
+class ExportReport:
+    path: str
+    target: str
+    dtype: str
+    layers: list[LayerLowering] = field(default_factory=list)
+    opset: Optional[int] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "target": self.target, "dtype": self.dtype, "opset": self.opset,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+    def table(self) -> str:
+        head = f"ONNX export: {self.path}  (target={self.target}, dtype={self.dtype}, opset={self.opset})"
+        rows = [("layer", "routing", "lowering", "capacity", "may drop", "note")]
+        rows += [(l.name, l.routing, l.lowering, l.capacity, "yes" if l.may_drop else "no", l.reason)
+                 for l in self.layers]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+        lines.insert(1, "-" * max(len(line.rstrip()) for line in lines))
+        return "\n".join([head] + [line.rstrip() for line in lines])
+
+    def __str__(self) -> str:
+        return self.table()

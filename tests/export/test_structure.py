@@ -1,0 +1,118 @@
+"""The produced graphs: one com.microsoft.MoE node per layer where the op applies, standard ops only for
+portable, a node count independent of the number of experts, no expert lost to a one-sided example input,
+and the report and errors of each lowering."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+import moe_compile
+from moe_compile import LoweringError
+from moe_compile.moe import iter_moe_layers, routing_stats
+
+from .conftest import MODELS, features, one_layer_moe, token_ids
+
+ROUTINGS = ("token_choice", "switch", "expert_choice")
+
+
+def op_types(graph) -> list[tuple[str, str]]:
+    return [(node.domain, node.op_type) for node in graph.node]
+
+
+@pytest.mark.parametrize("model_name", ["hf-gpt2", "hf-llama"])
+def test_ort_has_one_moe_node_per_converted_layer(exported, model_name):
+    exp = exported(model_name, "ort", routing="token_choice")
+    layers = [name for name, _ in iter_moe_layers(exp.model)]
+    assert len(layers) == 2
+    assert op_types(exp.graph).count(("com.microsoft", "MoE")) == len(layers)
+    assert [(l.name, l.lowering, l.may_drop) for l in exp.report.layers] == [
+        (name, "com.microsoft.MoE", False) for name in layers]
+    assert not any(op in ("TopK", "ScatterND", "ScatterElements") for _, op in op_types(exp.graph))
+
+
+def test_ort_falls_back_for_erf_gelu_and_says_so(exported):
+    exp = exported("nanogpt", "ort", routing="token_choice")
+    assert ("com.microsoft", "MoE") not in op_types(exp.graph)
+    for layer in exp.report.layers:
+        assert layer.lowering == "portable" and layer.capacity == "C = T (dropless)" and not layer.may_drop
+        assert "fallback" in layer.reason and "erf GELU" in layer.reason
+    assert "erf GELU" in exp.report.table() and exp.report.to_dict()["target"] == "ort"
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_portable_uses_standard_ops_only(exported, model_name, routing):
+    exp = exported(model_name, "portable", routing=routing)
+    domains = {domain for domain, _ in op_types(exp.graph)}
+    assert domains <= {"", "ai.onnx"}, domains
+    assert not {"Loop", "If", "Scan"} & {op for _, op in op_types(exp.graph)}
+    assert all(layer.lowering == "portable" for layer in exp.report.layers)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_portable_node_count_does_not_grow_with_experts(tmp_path, routing):
+    counts = {}
+    for experts in (4, 8):
+        path = tmp_path / f"e{experts}.onnx"
+        moe_compile.export(one_layer_moe(num_experts=experts, routing=routing), features((2, 8)), path)
+        counts[experts] = len(onnx.load(str(path)).graph.node)
+    assert counts[4] == counts[8]
+
+
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_experts_the_example_input_never_selects_are_exported(tmp_path, target):
+    """The example routes every token to expert 0; inputs that reach all four experts still match eager."""
+    model = one_layer_moe(routing="token_choice", top_k=1)
+    (_, layer), = iter_moe_layers(model)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4, 16) * 10.0)  # logit e = 10 x_e: the largest of x_0..x_3 wins
+    example = torch.zeros(2, 8, 16)
+    example[..., 0] = 1.0
+    model(example)
+    assert routing_stats(model)["ffn"].tokens_per_expert.tolist() == [16, 0, 0, 0]
+    moe_compile.export(model, example, tmp_path / "m.onnx", target=target)
+
+    check = features((3, 20), seed=3)
+    report = moe_compile.check_parity(model, tmp_path / "m.onnx", check)
+    assert (routing_stats(model)["ffn"].tokens_per_expert > 0).all()
+    assert report.passed, report.table()
+
+
+def test_ort_strict_names_layer_reason_and_target(nanogpt):
+    model = moe_compile.convert(nanogpt, moe_compile.MoEConfig(num_experts=4))
+    with pytest.raises(LoweringError) as error:
+        moe_compile.export(model, token_ids((1, 4)), "unused.onnx", target="ort", fallback=False)
+    message = str(error.value)
+    assert "'transformer.h.0.mlp'" in message and "erf GELU" in message and "target='portable'" in message
+
+
+def test_unknown_target_lists_the_targets():
+    with pytest.raises(LoweringError, match="unknown target 'tensorrt'.*portable, ort"):
+        moe_compile.export(one_layer_moe(), features((1, 4)), "unused.onnx", target="tensorrt")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dtype": torch.bfloat16}, "Use torch.float32 or torch.float16"),
+    ({"capacity_factor": 0}, "capacity_factor must be > 0"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        moe_compile.export(one_layer_moe(), features((1, 4)), "unused.onnx", **kwargs)
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="inputs must be a tensor or a tuple of tensors"):
+        moe_compile.export(one_layer_moe(), [[1, 2]], "unused.onnx")
+
+
+def test_capacity_factor_is_reported_as_dropping(tmp_path):
+    model = one_layer_moe(routing="token_choice")
+    report = moe_compile.export(model, features((2, 8)), tmp_path / "m.onnx", capacity_factor=1.0)
+    (layer,) = report.layers
+    assert layer.capacity == "C = min(ceil(1.0*T*2/4), T)" and layer.may_drop
+    assert "capacity_factor=1.0 set by export: may drop" in layer.reason
+    assert layer.may_drop and "yes" in report.table()
+    (_, eager_layer), = iter_moe_layers(model)
+    assert eager_layer.router.capacity_factor is None  # the caller's model stays dropless

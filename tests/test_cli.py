@@ -1,0 +1,152 @@
+"""The moe-compile command line: inspect, convert, export and check, and one-line errors with exit status 2."""
+
+import importlib
+import json
+import re
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import moe_compile
+from moe_compile.cli import CHECK_SHAPE, EXPORT_SHAPE, main
+
+from tests.conftest import logits_of, make_dense_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def saved_nanogpt(tmp_path_factory):
+    """A converted nanoGPT written by `moe-compile convert`."""
+    directory = tmp_path_factory.mktemp("nanogpt-moe")
+    assert main(["convert", "--example", "nanogpt", "--num-experts", "4", "--out", str(directory)]) == 0
+    return directory
+
+
+def test_inspect_example_shows_sites_params_and_flops(capsys):
+    code, out, err = run(capsys, "inspect", "--example", "nanogpt-inline", "--experts", "split", "--num-experts", "4")
+    assert code == 0 and err == ""
+    assert "transformer.h.0:fc_in..fc_out  Linear -> gelu -> Linear -> Dropout" in out
+    assert "dense params" in out and "MoE FLOPs/tok" in out
+    # split into 4 experts, top-2: half the FFN FLOPs plus the router
+    assert "transformer.h.1:fc_in..fc_out  64       256   33,088        33,344      65,536           33,280" in out
+
+
+def test_convert_example_writes_a_loadable_model(capsys, tmp_path):
+    code, out, _ = run(capsys, "convert", "--example", "nanogpt", "--routing", "switch", "--seed", "3",
+                       "--out", str(tmp_path))
+    assert code == 0
+    assert "transformer.h.0.mlp" in out and "converted" in out and f"saved to {tmp_path}" in out
+    model = moe_compile.load(tmp_path)
+    assert model.moe_report.config == moe_compile.MoEConfig(routing="switch", seed=3)
+
+
+def test_convert_hf_directory_matches_the_python_api(capsys, tmp_path):
+    make_dense_model("hf-llama").save_pretrained(tmp_path / "dense")
+    code, _, _ = run(capsys, "convert", "--hf", str(tmp_path / "dense"), "--experts", "split", "--num-experts", "4",
+                     "--out", str(tmp_path / "moe"))
+    assert code == 0
+
+    from transformers import AutoModelForCausalLM
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    expected = moe_compile.convert(dense, moe_compile.MoEConfig(experts="split", num_experts=4)).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(logits_of(moe_compile.load(tmp_path / "moe"), ids), logits_of(expected, ids))
+
+
+def test_inspect_saved_model(capsys, saved_nanogpt):
+    code, out, _ = run(capsys, "inspect", "--model", str(saved_nanogpt))
+    assert code == 0
+    assert "converted" in out and "model total" in out
+
+
+def test_python_dash_m_runs_the_cli():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "moe_compile", "inspect", "--example", "nanogpt"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "transformer.h.1.mlp" in result.stdout and "FFN total" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], r"the following arguments are required: COMMAND"),
+    (["inspect"], r"one of the arguments --example --hf --model is required"),
+    (["inspect", "--example", "nanogpt", "--hf", "x"], r"argument --hf: not allowed with argument --example"),
+    (["inspect", "--example", "nanogpt", "--top-k", "9"],
+     r"MoEConfig.top_k: top_k=9 is more than num_experts=8. Lower top_k or raise num_experts."),
+    (["inspect", "--example", "nanogpt", "--routing", "magic"], r"MoEConfig.routing: unknown routing 'magic'"),
+    (["inspect", "--example", "nanogpt", "--num-experts", "two"], r"argument --num-experts: invalid int value"),
+    (["inspect", "--example", "gpt5"], r"unknown example model 'gpt5'. Choose one of nanogpt, nanogpt-inline"),
+    (["convert", "--example", "nanogpt"], r"the following arguments are required: --out"),
+    (["convert", "--hf", "/no/such/dir", "--out", "x"], r"--hf /no/such/dir: no such directory"),
+    (["inspect", "--model", "/no/such/dir"], r"load: /no/such/dir is not a directory"),
+    (["export", "/no/such/dir", "--target", "tensorrt", "--out", "m.onnx"], r"argument --target: invalid choice"),
+    (["check", "/no/such/dir", "/no/such.onnx"], r"/no/such.onnx: no such file"),
+])
+def test_bad_input_prints_one_line_and_exits_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("moe-compile: error: ") and err.count("\n") == 1
+    assert re.search(message, err), err
+
+
+def test_saved_model_takes_no_config_flags(capsys, saved_nanogpt):
+    code, _, err = run(capsys, "inspect", "--model", str(saved_nanogpt), "--top-k", "1")
+    assert code == 2
+    assert "--model takes no MoEConfig flags (got --top-k)" in err
+
+
+def test_damaged_directory_is_a_one_line_error(capsys, tmp_path):
+    (tmp_path / "moe_recipe.json").write_text("{")
+    code, _, err = run(capsys, "inspect", "--model", str(tmp_path))
+    assert code == 2 and "moe_recipe.json is not valid JSON" in err and err.count("\n") == 1
+
+
+# --- export and check, wired to moe_compile.export ------------------------------------------------------------
+
+def fake_check(passed, calls):
+    def check_parity(model, onnx_path, inputs, *, dtype=None, tolerance=None):
+        calls.append(SimpleNamespace(model=model, path=onnx_path, inputs=inputs, dtype=dtype))
+        return SimpleNamespace(passed=passed, table=lambda: "parity table", to_dict=lambda: {"passed": passed})
+    return check_parity
+
+
+@pytest.mark.parametrize("passed, code", [(True, 0), (False, 1)])
+def test_check_runs_another_shape_and_exits_1_on_failure(capsys, monkeypatch, saved_nanogpt, tmp_path, passed, code):
+    calls = []
+    monkeypatch.setattr(importlib.import_module("moe_compile.export"), "check_parity", fake_check(passed, calls),
+                        raising=False)
+    (tmp_path / "m.onnx").write_bytes(b"")
+
+    status, out, _ = run(capsys, "check", str(saved_nanogpt), str(tmp_path / "m.onnx"), "--json")
+
+    assert status == code and json.loads(out) == {"passed": passed}
+    (ids,) = calls[0].inputs
+    assert tuple(ids.shape) == CHECK_SHAPE != EXPORT_SHAPE and ids.dtype == torch.int64
+    assert int(ids.max()) < 256 and calls[0].dtype is None
+
+
+def test_export_then_check_with_onnx_runtime(capsys, saved_nanogpt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "nanogpt-moe.onnx"
+    code, out, err = run(capsys, "export", str(saved_nanogpt), "--target", "portable", "--out", str(onnx_path))
+    assert code == 0, err
+    assert onnx_path.is_file() and "target=portable" in out
+
+    if not hasattr(importlib.import_module("moe_compile.export"), "check_parity"):
+        pytest.skip("moe_compile.export.check_parity is not written yet")
+    code, out, err = run(capsys, "check", str(saved_nanogpt), str(onnx_path), "--json")
+    assert code == 0, out + err
+    assert json.loads(out)["passed"] is True
