@@ -19,7 +19,14 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .config import COMBINES, EXPERT_BUILDERS, ROUTER_INITS, ROUTINGS, SPLIT_STRATEGIES, MoEConfig
+from .config import (
+    COMBINES,
+    EXPERT_BUILDERS,
+    ROUTER_INITS,
+    ROUTINGS,
+    SPLIT_STRATEGIES,
+    MoEConfig,
+)
 from .example_models import EXAMPLE_MODELS, build_example
 from .passes import convert, find_ffn_blocks
 from .serialization import load, save

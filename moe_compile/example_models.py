@@ -9,10 +9,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+_ACTIVATION_MODULES = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
+    "silu": lambda: nn.SiLU(),
+}
+_ACTIVATION_FUNCTIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
 
 
 @dataclass
@@ -24,6 +39,12 @@ class GPTConfig:
     n_embd: int = 64
     dropout: float = 0.0
     bias: bool = True
+    activation: str = "gelu"  # FFN activation: gelu (erf, nanoGPT's), gelu_tanh (GPT-2's), relu or silu
+
+    def __post_init__(self) -> None:
+        if self.activation not in _ACTIVATION_MODULES:
+            raise ValueError(f"GPTConfig.activation: unknown {self.activation!r}. "
+                             f"Choose one of {', '.join(_ACTIVATION_MODULES)}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,12 +72,12 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.act = _ACTIVATION_MODULES[config.activation]()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -73,7 +94,7 @@ class Block(nn.Module):
 
 
 class InlineBlock(nn.Module):
-    """A block whose FFN is three sibling layers used inline, with a functional GELU."""
+    """A block whose FFN is sibling layers used inline, with a functional activation."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -83,10 +104,11 @@ class InlineBlock(nn.Module):
         self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.ffn_dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        h = F.gelu(self.fc_in(self.ln_2(x)))
+        h = _ACTIVATION_FUNCTIONS[self.activation](self.fc_in(self.ln_2(x)))
         return x + self.ffn_dropout(self.fc_out(h))
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .config import MoEConfig
 from .passes import SiteReport, find_ffn_blocks
+from .table import format_table
 
 
 @dataclass
@@ -59,10 +60,7 @@ class ModelStats:
         rows.append(("FFN total", "", "", f"{sum(s.dense_params for s in self.sites):,}",
                      f"{sum(s.moe_params for s in self.sites):,}", f"{self.dense_flops:,}", f"{self.moe_flops:,.0f}"))
         rows.append(("model total", "", "", f"{self.dense_total_params:,}", f"{self.moe_total_params:,}", "", ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
-        return "\n".join(lines)
+        return format_table(rows)
 
     def __str__(self) -> str:
         return self.table()

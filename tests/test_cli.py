@@ -2,8 +2,8 @@
 
 import importlib
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,6 @@ import torch
 
 import moe_compile
 from moe_compile.cli import CHECK_SHAPE, EXPORT_SHAPE, main
-
 from tests.conftest import logits_of, make_dense_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 import moe_compile
 from moe_compile import MoEConfig, RecipeError, aux_loss
 from moe_compile.example_models import build_example
-
 from tests.conftest import logits_of, make_dense_model
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -4,7 +4,6 @@ import pytest
 
 from moe_compile import MoEConfig, convert, model_stats
 from moe_compile.moe import iter_moe_layers
-
 from tests.conftest import make_dense_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:expert_choice routing is not causal")

@@ -14,8 +14,11 @@ Targets:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -55,6 +58,11 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
         raise ValueError(f"export: capacity_factor must be > 0, got {capacity_factor!r}. Use 1.25, say, or None "
                          "(dropless, C = T).")
     inputs = as_input_tuple(example_inputs, "export")
+    if dynamic and any(size < 2 for t in inputs for size in t.shape[:2]):
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise ValueError(f"export: example input shapes {shapes} have a batch or sequence size below 2; torch.export "
+                         "bakes sizes 0 and 1 into the graph, which then fails at other sizes. Export with a batch "
+                         "and sequence of at least 2 (the ONNX file still takes any size).")
 
     # the last forward's aux losses hold autograd graphs, which deepcopy refuses; the copy starts without them
     work = copy.deepcopy(model, {id(layer.aux_losses): {} for _, layer in iter_moe_layers(model)}).eval()
@@ -75,8 +83,10 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
     if dynamic:  # dims 0 and 1 (batch, sequence) of every input
         dynamic_shapes = {"inputs": tuple({i: torch.export.Dim.DYNAMIC for i in range(min(t.dim(), 2))}
                                           for t in inputs)}
-    program = torch.onnx.export(LogitsModel(work).eval(), inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                input_names=names, output_names=["logits"], opset_version=opset, verbose=False)
+    with _quiet_exporter():
+        program = torch.onnx.export(LogitsModel(work).eval(), inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    input_names=names, output_names=["logits"], opset_version=opset,
+                                    verbose=False)
     program.save(os.fspath(path))
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
                         opset=_opset_of(program))
@@ -114,6 +124,21 @@ def _lower(name: str, layer: MoELayer, target: str, capacity_factor: Optional[fl
         note = "; ".join(filter(None, [note, why]))
     capacity = f"C = min(ceil({factor}*T*{k}/{experts}), T)"
     return None, LayerLowering(name, routing, "portable", capacity, drops, note)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's chatter that says nothing about this model (torchvision ops it skips, torch's own
+    deprecation notices); real problems still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _opset_of(program) -> Optional[int]:

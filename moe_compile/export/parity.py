@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..table import format_table
 from .model_io import Inputs, LogitsModel, as_input_tuple
 
 # Max abs error of the logits, ONNX Runtime vs eager PyTorch (the fp32 model), per exported dtype; stated for
@@ -64,11 +65,8 @@ class ParityReport:
         rows += [(o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.cosine:.8f}",
                   "-" if o.top1 is None else f"{o.top1:.2%}", f"{o.tolerance:g}", "PASS" if o.passed else "FAIL")
                  for o in self.outputs]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        head = f"parity: {self.onnx_path} in ONNX Runtime (CPU) vs eager PyTorch, dtype={self.dtype}"
-        return "\n".join([head] + lines)
+        return format_table(rows, f"parity: {self.onnx_path} in ONNX Runtime (CPU) vs eager PyTorch, "
+                                  f"dtype={self.dtype}")
 
     def __str__(self) -> str:
         return self.table()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ..table import format_table
+
 
 @dataclass
 class LayerLowering:
@@ -33,10 +35,7 @@ class ExportReport:
         rows = [("layer", "routing", "lowering", "capacity", "may drop", "note")]
         rows += [(l.name, l.routing, l.lowering, l.capacity, "yes" if l.may_drop else "no", l.reason)
                  for l in self.layers]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
-        lines.insert(1, "-" * max(len(line.rstrip()) for line in lines))
-        return "\n".join([head] + [line.rstrip() for line in lines])
+        return format_table(rows, head)
 
     def __str__(self) -> str:
         return self.table()

@@ -73,10 +73,8 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         tokens = flat.shape[0]
         slot_token = dispatch.slot_token.reshape(-1)
-        if self.combine == "weighted":
-            gates = dispatch.slot_weight.reshape(-1, 1).to(x.dtype)
-        else:
-            gates = (slot_token < tokens).to(x.dtype).unsqueeze(1)
+        slot_used = (slot_token < tokens).to(x.dtype).unsqueeze(1)
+        gates = dispatch.slot_weight.reshape(-1, 1).to(x.dtype) if self.combine == "weighted" else slot_used
 
         padded = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
         expert_in = padded[slot_token].view(self.num_experts, -1, flat.shape[1])
@@ -86,8 +84,9 @@ class MoELayer(nn.Module):
         acc = torch.promote_types(x.dtype, torch.float32)
         y = padded.new_zeros(padded.shape, dtype=acc).index_add(0, slot_token, expert_out.to(acc))
         y = y[:tokens].to(x.dtype)
-        if self.output_bias is not None:
-            y = y + self.output_bias
+        if self.output_bias is not None:  # once per token some expert processed: a dropped token's output stays 0
+            reached = padded.new_zeros(tokens + 1, 1, dtype=acc).index_add(0, slot_token, slot_used.to(acc))
+            y = y + reached[:tokens].clamp(max=1).to(x.dtype) * self.output_bias
 
         if not torch.compiler.is_exporting():
             self.aux_losses = routed.aux_losses()

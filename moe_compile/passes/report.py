@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ..config import MoEConfig
+from ..table import format_table
 
 
 @dataclass
@@ -49,10 +50,7 @@ class ConversionReport:
         rows = [("site", "pattern", "d_model", "d_ff", "action", "detail")]
         rows += [(s.name or "<root>", s.pattern, str(s.d_model), str(s.d_ff), s.action, s.reason) for s in self.sites]
         rows += [(n.module or "<root>", "-", "-", "-", "searched", n.outcome) for n in self.notes]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(line.rstrip() for line in lines)
+        return format_table(rows)
 
     def __str__(self) -> str:
         return self.table()

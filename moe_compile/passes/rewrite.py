@@ -23,7 +23,8 @@ def covers_whole_module(graph: fx.Graph, match: FFNMatch) -> bool:
             and len(outputs) == 1 and outputs[0].args[0] is match.output)
 
 
-def rewrite_inline(module: nn.Module, graph: fx.Graph, replacements: list[tuple[FFNMatch, nn.Module]]) -> fx.GraphModule:
+def rewrite_inline(module: nn.Module, graph: fx.Graph,
+                   replacements: list[tuple[FFNMatch, nn.Module]]) -> fx.GraphModule:
     """`module` as a GraphModule whose graph calls each MoE layer in place of its match's nodes."""
     for match, layer in replacements:
         name = _free_name(module, "moe")

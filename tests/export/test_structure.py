@@ -27,7 +27,7 @@ def test_ort_has_one_moe_node_per_converted_layer(exported, model_name):
     layers = [name for name, _ in iter_moe_layers(exp.model)]
     assert len(layers) == 2
     assert op_types(exp.graph).count(("com.microsoft", "MoE")) == len(layers)
-    assert [(l.name, l.lowering, l.may_drop) for l in exp.report.layers] == [
+    assert [(layer.name, layer.lowering, layer.may_drop) for layer in exp.report.layers] == [
         (name, "com.microsoft.MoE", False) for name in layers]
     assert not any(op in ("TopK", "ScatterND", "ScatterElements") for _, op in op_types(exp.graph))
 
@@ -83,7 +83,7 @@ def test_experts_the_example_input_never_selects_are_exported(tmp_path, target):
 def test_ort_strict_names_layer_reason_and_target(nanogpt):
     model = moe_compile.convert(nanogpt, moe_compile.MoEConfig(num_experts=4))
     with pytest.raises(LoweringError) as error:
-        moe_compile.export(model, token_ids((1, 4)), "unused.onnx", target="ort", fallback=False)
+        moe_compile.export(model, token_ids((2, 4)), "unused.onnx", target="ort", fallback=False)
     message = str(error.value)
     assert "'transformer.h.0.mlp'" in message and "erf GELU" in message and "target='portable'" in message
 
@@ -105,6 +105,14 @@ def test_bad_arguments(kwargs, match):
 def test_bad_inputs():
     with pytest.raises(TypeError, match="inputs must be a tensor or a tuple of tensors"):
         moe_compile.export(one_layer_moe(), [[1, 2]], "unused.onnx")
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 1)])
+def test_size_one_example_is_refused_when_dynamic(tmp_path, shape):
+    """torch.export bakes size-1 axes into the graph (an expert-choice graph exported at batch 1 indexes out of
+    range at batch 2), so export refuses such examples instead of writing a graph that fails later."""
+    with pytest.raises(ValueError, match="batch or sequence size below 2"):
+        moe_compile.export(one_layer_moe(), features(shape), tmp_path / "m.onnx")
 
 
 def test_capacity_factor_is_reported_as_dropping(tmp_path):

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from moe_compile.config import MoEConfig
 from moe_compile.moe import DenseFFN, build_moe_layer
-from moe_compile.moe.experts import build_experts, init_router_weight, partition_neurons, split, upcycle
+from moe_compile.moe.experts import (
+    build_experts,
+    init_router_weight,
+    partition_neurons,
+    split,
+    upcycle,
+)
 
 STRATEGIES = ("kmeans", "random", "contiguous")
 

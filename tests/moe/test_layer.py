@@ -53,9 +53,10 @@ def _inputs(batch=2, seq=12, seed=1):
     return torch.randn(batch, seq, D, generator=torch.Generator().manual_seed(seed))
 
 
-def test_switch_drops_overflow_to_exact_zero():
+@pytest.mark.parametrize("output_bias", [False, True])  # True: split experts' shared bias, added once if kept
+def test_switch_drops_overflow_to_exact_zero(output_bias):
     config = MoEConfig(num_experts=4, routing="switch", capacity_factor=1.0)
-    layer = random_layer(config, router_scale=2.0)
+    layer = random_layer(config, router_scale=2.0, output_bias=output_bias)
     with torch.no_grad():
         layer.router.weight[0, 0] += 3.0  # crowd expert 0: every token has a positive first coordinate
     x = _inputs()
@@ -71,6 +72,8 @@ def test_switch_drops_overflow_to_exact_zero():
         e = int(probs[t].argmax())
         if count[e] < cap:
             expected[t] = probs[t, e] * expert_ffn(layer, e, flat[t:t + 1])[0]
+            if output_bias:
+                expected[t] += layer.output_bias
             count[e] += 1
             kept.append(t)
     dropped = [t for t in range(T) if t not in kept]

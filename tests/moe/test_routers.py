@@ -8,9 +8,15 @@ import math
 import pytest
 import torch
 
-from moe_compile.moe.routers import (ExpertChoiceRouter, SwitchRouter, TokenChoiceRouter, assign_slots,
-                                     build_router, capacity)
 from moe_compile.config import MoEConfig
+from moe_compile.moe.routers import (
+    ExpertChoiceRouter,
+    SwitchRouter,
+    TokenChoiceRouter,
+    assign_slots,
+    build_router,
+    capacity,
+)
 
 
 def _probs(tokens: int, experts: int, seed: int, scale: float = 3.0) -> torch.Tensor:

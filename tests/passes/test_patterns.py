@@ -3,7 +3,6 @@ Conv1D), the report's content, and the cases that must be skipped or reported, l
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
