@@ -105,7 +105,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
 
-    x = torch.randn(1, TOKENS, D_MODEL)
+    x = torch.randn(2, TOKENS // 2, D_MODEL)  # 2048 tokens; export needs batch >= 2 to keep the axis dynamic
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
