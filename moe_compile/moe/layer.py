@@ -26,8 +26,15 @@ _EXPERT_PARAMS = ("up_weight", "up_bias", "gate_weight", "gate_bias", "down_weig
 
 @dataclass
 class RoutingStats:
-    tokens_per_expert: torch.Tensor  # [E] tokens each expert processed in the last forward pass
-    dropped_fraction: float  # share of tokens that no expert processed
+    """Routing of the last forward pass, kept as tensors on the layer's device (reading them is the only sync)."""
+
+    tokens_per_expert: torch.Tensor  # [E] tokens each expert processed
+    processed_fraction: torch.Tensor  # 0-d, share of tokens that at least one expert processed
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Share of tokens that no expert processed (their FFN output is zero)."""
+        return 1.0 - float(self.processed_fraction)
 
 
 class MoELayer(nn.Module):
@@ -85,24 +92,28 @@ class MoELayer(nn.Module):
         y = padded.new_zeros(padded.shape, dtype=acc).index_add(0, slot_token, expert_out.to(acc))
         y = y[:tokens].to(x.dtype)
         if self.output_bias is not None:  # once per token some expert processed: a dropped token's output stays 0
-            reached = padded.new_zeros(tokens + 1, 1, dtype=acc).index_add(0, slot_token, slot_used.to(acc))
-            y = y + reached[:tokens].clamp(max=1).to(x.dtype) * self.output_bias
+            reached = (_experts_per_token(slot_token, tokens) > 0).to(x.dtype).unsqueeze(1)
+            y = y + reached * self.output_bias
 
         if not torch.compiler.is_exporting():
             self.aux_losses = routed.aux_losses()
             with torch.no_grad():
-                used = slot_token < tokens
-                processed = torch.zeros(tokens + 1, dtype=torch.bool, device=x.device)
-                processed[slot_token[used]] = True
+                processed = (_experts_per_token(slot_token, tokens) > 0).float()
                 self.routing_stats = RoutingStats(
-                    tokens_per_expert=used.view(self.num_experts, -1).sum(1).cpu(),
-                    dropped_fraction=1.0 - processed[:tokens].float().mean().item() if tokens else 0.0,
+                    tokens_per_expert=(slot_token < tokens).view(self.num_experts, -1).sum(1),
+                    processed_fraction=processed.mean() if tokens else processed.new_ones(()),
                 )
         return self.dropout(y).view(x.shape)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, d_model={self.d_model}, expert_width={self.expert_width}, "
                 f"activation={self.activation}{', gated' if self.gated else ''}, combine={self.combine}")
+
+
+def _experts_per_token(slot_token: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[T]: how many expert slots hold each token (slot value T, the empty marker, is counted and cut off)."""
+    ones = torch.ones_like(slot_token, dtype=torch.float32)
+    return torch.zeros(tokens + 1, device=slot_token.device).index_add(0, slot_token, ones)[:tokens]
 
 
 def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
