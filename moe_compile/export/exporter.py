@@ -64,8 +64,7 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
                          "bakes sizes 0 and 1 into the graph, which then fails at other sizes. Export with a batch "
                          "and sequence of at least 2 (the ONNX file still takes any size).")
 
-    # the last forward's aux losses hold autograd graphs, which deepcopy refuses; the copy starts without them
-    work = copy.deepcopy(model, {id(layer.aux_losses): {} for _, layer in iter_moe_layers(model)}).eval()
+    work = copy.deepcopy(model).eval()
     if dtype is not None:
         work = work.to(dtype)
     dtype_name = str(dtype or next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32))

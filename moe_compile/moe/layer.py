@@ -105,6 +105,12 @@ class MoELayer(nn.Module):
                 )
         return self.dropout(y).view(x.shape)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last forward's aux losses (they hold an autograd graph, which deepcopy
+        refuses) and routing statistics; both are refilled by the next forward pass."""
+        state = super().__getstate__()
+        return {**state, "aux_losses": {}, "routing_stats": None}
+
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, d_model={self.d_model}, expert_width={self.expert_width}, "
                 f"activation={self.activation}{', gated' if self.gated else ''}, combine={self.combine}")

@@ -3,6 +3,7 @@ equality with transformers' MixtralSparseMoeBlock, and (non-)causality."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -283,3 +284,13 @@ def test_expert_choice_is_not_causal_token_choice_is():
     for routing in ("token_choice", "switch"):
         tc = layer_for(routing)
         assert torch.equal(tc(seq_a)[0, 0], tc(seq_b)[0, 0]), routing
+
+
+def test_deepcopy_after_a_training_forward():
+    """The aux losses of the last forward hold an autograd graph; copies (EMA models, export) leave them out."""
+    layer = random_layer(MoEConfig(num_experts=4)).train()
+    layer(_inputs())
+    copied = copy.deepcopy(layer)
+    assert copied.aux_losses == {} and copied.routing_stats is None
+    assert set(layer.aux_losses) == {"load_balancing", "z_loss"}  # the original keeps its own
+    torch.testing.assert_close(copied.eval()(_inputs()), layer.eval()(_inputs()))
