@@ -127,17 +127,19 @@ def _lower(name: str, layer: MoELayer, target: str, capacity_factor: Optional[fl
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """Silence the exporter's chatter that says nothing about this model (torchvision ops it skips, torch's own
-    deprecation notices); real problems still raise."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence the exporter's chatter that says nothing about this model (torchvision ops it skips, onnx_ir's
+    note on empty attribute lists, torch's own deprecation notices); real problems still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _opset_of(program) -> Optional[int]:
