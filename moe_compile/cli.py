@@ -34,7 +34,7 @@ from .stats import model_stats
 
 PROG = "moe-compile"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-EXPORT_SHAPE = (2, 16)  # default [batch, seq] of export's example inputs
+EXPORT_SHAPE = (2, 16)  # [batch, seq] of the token ids for export and for convert's torch.export search
 CHECK_SHAPE = (3, 23)  # check runs another shape by default, so a graph fixed to the export shape fails
 
 # MoEConfig fields settable from the command line: flag -> (type, help)
@@ -147,7 +147,8 @@ def _inspect(args: argparse.Namespace) -> int:
         stats, sites = model_stats(model), model.moe_report
     else:
         model = _dense_model(args)
-        stats, sites = model_stats(model, _config(args)), find_ffn_blocks(model)
+        inputs = _token_ids(model, *EXPORT_SHAPE)
+        stats, sites = model_stats(model, _config(args), inputs), find_ffn_blocks(model, inputs)
     print(sites.table())
     print()
     print(stats.table())
@@ -155,7 +156,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    model = convert(_dense_model(args), _config(args))
+    dense = _dense_model(args)
+    model = convert(dense, _config(args), example_inputs=_token_ids(dense, *EXPORT_SHAPE))
     print(model.moe_report.table())
     print()
     print(model_stats(model).table())

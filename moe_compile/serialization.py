@@ -49,6 +49,7 @@ def save(model: nn.Module, directory: PathLike) -> Path:
         "moe_config": report.config.to_dict(),
         "sites": _site_list(report),
         "dtype": str(_dtype(model)).removeprefix("torch."),
+        "example_inputs": report.example_inputs,  # convert's torch.export search inputs (shapes, dtypes), or None
     }
     save_model(model, str(directory / WEIGHTS_FILE))
     (directory / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
@@ -70,7 +71,8 @@ def load(directory: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     dense = model if model is not None else _rebuild_source(recipe["source"])
     dense.to(getattr(torch, recipe["dtype"]))
     try:
-        converted = convert(dense, MoEConfig.from_dict(recipe["moe_config"]), inplace=True)
+        converted = convert(dense, MoEConfig.from_dict(recipe["moe_config"]), inplace=True,
+                            example_inputs=_example_inputs(recipe))
     except ValueError as error:  # no FFN at all, or an FFN width the recorded config cannot split
         raise RecipeError(f"load: cannot re-apply the recorded conversion to {type(dense).__name__}: "
                           f"{str(error).splitlines()[0]} {_SAME_ARCHITECTURE}") from None
@@ -113,6 +115,18 @@ def read_recipe(directory: PathLike) -> dict[str, Any]:
     except (TypeError, ValueError) as error:
         raise RecipeError(f"load: {path} holds an invalid MoEConfig ({error}). Save the model again.") from None
     return recipe
+
+
+def _example_inputs(recipe: dict[str, Any]) -> Optional[tuple[torch.Tensor, ...]]:
+    """Zeros shaped like the inputs convert searched with (only their shapes matter), or None."""
+    specs = recipe.get("example_inputs")
+    if specs is None:
+        return None
+    try:
+        return tuple(torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])) for spec in specs)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as error:
+        raise RecipeError(f"load: the recipe's example_inputs are damaged ({type(error).__name__}: {error}). "
+                          "Save the model again.") from None
 
 
 def _describe_source(model: nn.Module) -> dict[str, Any]:

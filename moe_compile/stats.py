@@ -91,11 +91,12 @@ def site_stats(site: SiteReport, config: MoEConfig) -> SiteStats:
     )
 
 
-def model_stats(model: nn.Module, config: Optional[MoEConfig] = None) -> ModelStats:
+def model_stats(model: nn.Module, config: Optional[MoEConfig] = None, example_inputs=None) -> ModelStats:
     """Counts for every FFN site of `model`, dense vs MoE.
 
     A converted model is counted with its own sites and MoEConfig; a dense one with the sites `convert`
-    would change and `config` (default MoEConfig()), which is checked against each site as convert does.
+    would change and `config` (default MoEConfig()), which is checked against each site as convert does;
+    `example_inputs` as for convert.
     """
     report = getattr(model, "moe_report", None)
     converted = report is not None
@@ -103,7 +104,7 @@ def model_stats(model: nn.Module, config: Optional[MoEConfig] = None) -> ModelSt
         config, sites = report.config, report.converted
     else:
         config = config if config is not None else MoEConfig()
-        sites = [s for s in find_ffn_blocks(model).sites if s.action == "found"]
+        sites = [s for s in find_ffn_blocks(model, example_inputs).sites if s.action == "found"]
         for site in sites:
             config.check_ffn_width(site.d_ff, site.name)
     stats = [site_stats(site, config) for site in sites]

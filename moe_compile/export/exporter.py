@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import LoweringError
+from ..model_io import Inputs, LogitsModel, as_input_tuple
 from ..moe import MoELayer, iter_moe_layers
 from ..passes.rewrite import replace_submodule
-from .model_io import Inputs, LogitsModel, as_input_tuple
 from .ort_moe import OP_NAME, OrtMoE, may_drop, ort_unsupported_reason
 from .report import ExportReport, LayerLowering
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..model_io import Inputs, LogitsModel, as_input_tuple
 from ..table import format_table
-from .model_io import Inputs, LogitsModel, as_input_tuple
 
 # Max abs error of the logits, ONNX Runtime vs eager PyTorch (the fp32 model), per exported dtype; stated for
 # logits of magnitude ~1 (max_rel is the scale-free figure). Measured on the 2-layer test models (nanoGPT, GPT-2,

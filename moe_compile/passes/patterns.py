@@ -12,6 +12,7 @@ and dropout an nn.Dropout module or F.dropout. Matching (`match_ffns`) finds the
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -22,6 +23,8 @@ import torch.nn as nn
 
 from ..moe import DenseFFN, identify_activation
 from .capture import Projection, as_projection
+
+_aten = torch.ops.aten
 
 
 @dataclass
@@ -69,10 +72,30 @@ def _module(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
 
 
 def _projection(node: fx.Node, root: nn.Module) -> Optional[Projection]:
+    """A projection module call (fx), or aten.linear on the root's own weights (an unlifted torch.export graph)."""
+    if node.op == "call_function" and node.target is _aten.linear.default:
+        params = [p for p in node.args[1:] if p is not None]
+        if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
+            return None
+        weight, *bias = (_attr(root, p.target) for p in params)
+        return Projection(weight, bias[0] if bias else None, module_path(node)[1] or "Linear")
     module = _module(node, root)
     if module is None or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     return as_projection(module)
+
+
+def module_path(node: fx.Node) -> tuple[str, str]:
+    """(qualified name, class name) of the innermost module a torch.export node was recorded in, or ('', '')."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    return path, (cls if isinstance(cls, str) else cls.__qualname__).rpartition(".")[2]
+
+
+def _attr(root: nn.Module, target: str) -> torch.Tensor:
+    return functools.reduce(getattr, target.split("."), root)
 
 
 def _activation(node: fx.Node, root: nn.Module) -> Optional[str]:
@@ -97,13 +120,13 @@ def _dropout(node: fx.Node, root: nn.Module) -> Optional[float]:
     module = _module(node, root)
     if isinstance(module, nn.Dropout):
         return module.p
-    if node.op == "call_function" and node.target is nn.functional.dropout:
+    if node.op == "call_function" and node.target in (nn.functional.dropout, _aten.dropout.default):
         return node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
     return None
 
 
 def _is_mul(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or \
+    return (node.op == "call_function" and node.target in (operator.mul, torch.mul, _aten.mul.Tensor)) or \
         (node.op == "call_method" and node.target == "mul")
 
 

@@ -1,7 +1,8 @@
 """The FFN -> MoE pipeline, in the order it runs:
 
     1. capture   trace every candidate module (>= 2 projection children), children before parents
-    2. match     find plain and gated FFN patterns in each graph
+    2. match     find plain and gated FFN patterns in each graph; with example inputs, also in one whole-model
+                 torch.export graph for the candidates fx could not trace (locate.py)
     3. check     keep the matches that can be rewritten, with the reason for each one that cannot
     4. validate  check the config against every site before anything changes (e.g. d_ff % E for split)
     5. build     make each site's MoE layer (experts + router), seeded per site
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -21,11 +23,13 @@ from tqdm.auto import tqdm
 
 from ..config import MoEConfig
 from ..errors import NoFFNFoundError
+from ..model_io import Inputs, as_input_tuple
 from ..moe import build_moe_layer
 from .capture import candidate_modules, trace
+from .locate import ModuleChain, locate_ffns
 from .patterns import FFNMatch, check_match, match_ffns
 from .report import ConversionReport, ModuleNote, SiteReport
-from .rewrite import covers_whole_module, replace_submodule, rewrite_inline
+from .rewrite import covers_whole_module, replace_submodule, rewrite_inline, rewrite_module_chain
 
 SEARCHED_FOR = ("Linear/Conv1D -> activation -> Linear/Conv1D [-> Dropout] and gated "
                 "down(act(gate(x)) * up(x)), in every module with two or more projection children")
@@ -35,21 +39,23 @@ SEARCHED_FOR = ("Linear/Conv1D -> activation -> Linear/Conv1D [-> Dropout] and g
 class _Site:
     module_name: str
     module: nn.Module
-    graph: fx.Graph
+    graph: Optional[fx.Graph]  # the module's fx graph; None for a site located with torch.export
     match: FFNMatch
     whole_module: bool
     report: SiteReport
+    chain: Optional[ModuleChain] = None  # how a located site is rewritten
 
 
-def _scan(model: nn.Module) -> tuple[list[_Site], list[ModuleNote]]:
-    """Steps 1-3: every FFN site, with a report for each, and a note for each traced module without one."""
-    sites, notes = [], []
+def _scan(model: nn.Module, example_inputs: Optional[Inputs]) -> tuple[list[_Site], list[ModuleNote]]:
+    """Steps 1-3: every FFN site, with a report for each, and a note for each searched module without one."""
+    sites, notes, untraceable = [], [], set()
     for name, module in candidate_modules(model):
         try:
             graph = trace(module)
         except Exception as error:  # torch.fx raises many kinds; each means "not traceable"
             first_line = (str(error).strip().splitlines() or [""])[0][:160]
             notes.append(ModuleNote(name, f"not traceable with torch.fx ({type(error).__name__}: {first_line})"))
+            untraceable.add(name)
             continue
         matches = match_ffns(module, graph)
         if not matches:
@@ -63,21 +69,42 @@ def _scan(model: nn.Module) -> tuple[list[_Site], list[ModuleNote]]:
                                 d_ff=ffn.d_ff, bias=ffn.up_bias is not None, gated=match.gated,
                                 action="skipped" if skip_reason else "found", reason=skip_reason or "")
             sites.append(_Site(name, module, graph, match, whole, report))
+    if untraceable and example_inputs is not None:
+        located, failure = locate_ffns(model, example_inputs, untraceable)
+        if failure:
+            notes.append(ModuleNote("", failure))
+        sites += [_located_site(model, found) for found in located]
     return sites, notes
 
 
-def find_ffn_blocks(model: nn.Module) -> ConversionReport:
-    """Detection only: the FFN sites of `model` and why each traced module has none. Changes nothing."""
-    sites, notes = _scan(model)
+def _located_site(model: nn.Module, found) -> _Site:
+    match, chain = found.match, found.chain
+    ffn = match.dense_ffn()
+    up, down = (chain.up, chain.down) if chain else ("?", "?")
+    report = SiteReport(name=f"{found.block}:{up}..{down}", module=found.block, pattern=match.pattern,
+                        d_model=ffn.d_model, d_ff=ffn.d_ff, bias=ffn.up_bias is not None, gated=match.gated,
+                        action="skipped" if found.reason else "found",
+                        reason=found.reason or "located with torch.export (torch.fx cannot trace the block)")
+    return _Site(found.block, model.get_submodule(found.block), None, match, False, report, chain)
+
+
+def find_ffn_blocks(model: nn.Module, example_inputs: Optional[Inputs] = None) -> ConversionReport:
+    """Detection only: the FFN sites of `model` and why each searched module has none. Changes nothing.
+
+    example_inputs (e.g. token ids): also search the modules torch.fx cannot trace, in a torch.export graph.
+    """
+    sites, notes = _scan(model, example_inputs)
     return ConversionReport(sites=[s.report for s in sites], notes=notes)
 
 
-def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, inplace: bool = False,
-            progress: Optional[bool] = None) -> nn.Module:
+def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inputs: Optional[Inputs] = None,
+            inplace: bool = False, progress: Optional[bool] = None) -> nn.Module:
     """A copy of `model` (or `model` itself with inplace=True) whose dense FFNs are MoE layers.
 
-    The ConversionReport is attached as `.moe_report`. Deterministic for a given config.seed. Raises
-    NoFFNFoundError, naming what was searched for, when there is nothing to convert.
+    example_inputs (e.g. token ids [batch, seq]) let the pass also find FFNs inside modules that torch.fx cannot
+    trace, with one torch.export of the whole model; only their shapes matter. The ConversionReport is attached
+    as `.moe_report`. Deterministic for a given config.seed. Raises NoFFNFoundError, naming what was searched
+    for, when there is nothing to convert.
     """
     config = config if config is not None else MoEConfig()
     if not isinstance(config, MoEConfig):
@@ -85,14 +112,16 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, inplace: bo
                         "Build one with moe_compile.MoEConfig(num_experts=..., routing=...).")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}.")
+    inputs = None if example_inputs is None else as_input_tuple(example_inputs, "convert(example_inputs=...)")
     target = model if inplace else copy.deepcopy(model)
-    sites, notes = _scan(target)
+    sites, notes = _scan(target, inputs)
     todo = [s for s in sites if s.report.action == "found"]
     if not todo:
         report = ConversionReport(sites=[s.report for s in sites], notes=notes, config=config)
         raise NoFFNFoundError(f"convert: found no dense FFN to convert in {type(model).__name__}. Searched for "
                               f"{SEARCHED_FOR}.\n{report.table()}\nIf the FFN is inside a module that does not "
-                              "trace, give its MLP its own submodule, or convert that submodule directly.")
+                              "trace, pass example_inputs=(token_ids,) to search it with torch.export, give its MLP "
+                              "its own submodule, or convert that submodule directly.")
     for site in todo:
         config.check_ffn_width(site.report.d_ff, site.report.name)
     if config.routing == "expert_choice":
@@ -101,7 +130,7 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, inplace: bo
                       "switch or token_choice for autoregressive generation.", UserWarning, stacklevel=2)
 
     show = progress if progress is not None else len(todo) >= 8
-    layers = [build_moe_layer(site.match.dense_ffn(), config, seed=config.seed + i).train(site.module.training)
+    layers = [build_moe_layer(_site_ffn(site), config, seed=config.seed + i).train(site.module.training)
               for i, site in enumerate(tqdm(todo, desc="building experts", unit="site", disable=not show))]
 
     by_module: dict[str, list[tuple[_Site, nn.Module]]] = {}
@@ -109,7 +138,12 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, inplace: bo
         by_module.setdefault(site.module_name, []).append((site, layer))
     for module_name, pairs in by_module.items():  # children before parents, as scanned
         first = pairs[0][0]
-        if len(pairs) == 1 and first.whole_module:
+        if first.chain is not None:
+            for site, layer in pairs:
+                rewrite_module_chain(site.module, site.chain, layer)
+                site.report.reason = (f"located with torch.export; {module_name}.{site.chain.up} is now the MoELayer, "
+                                      f"{site.chain.act} and {site.chain.down} are identities")
+        elif len(pairs) == 1 and first.whole_module:
             target = replace_submodule(target, module_name, pairs[0][1])
             first.report.reason = f"replaced module {type(first.module).__name__} with MoELayer"
         else:
@@ -120,5 +154,14 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, inplace: bo
         for site, _ in pairs:
             site.report.action = "converted"
 
-    target.moe_report = ConversionReport(sites=[s.report for s in sites], notes=notes, config=config)
+    target.moe_report = ConversionReport(sites=[s.report for s in sites], notes=notes, config=config,
+                                         example_inputs=None if inputs is None else
+                                         [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                                          for t in inputs])
     return target
+
+
+def _site_ffn(site: _Site):
+    """The dense FFN a site's MoE layer replaces; a module chain's block still applies its own trailing dropout."""
+    ffn = site.match.dense_ffn()
+    return dataclasses.replace(ffn, dropout=0.0) if site.chain is not None else ffn

@@ -33,6 +33,7 @@ class ConversionReport:
     sites: list[SiteReport] = field(default_factory=list)
     notes: list[ModuleNote] = field(default_factory=list)
     config: Optional[MoEConfig] = None
+    example_inputs: Optional[list[dict[str, Any]]] = None  # shapes and dtypes convert searched with, if any
 
     @property
     def converted(self) -> list[SiteReport]:
@@ -43,7 +44,7 @@ class ConversionReport:
         return [s for s in self.sites if s.action == "skipped"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict() if self.config else None,
+        return {"config": self.config.to_dict() if self.config else None, "example_inputs": self.example_inputs,
                 "sites": [asdict(s) for s in self.sites], "notes": [asdict(n) for n in self.notes]}
 
     def table(self) -> str:

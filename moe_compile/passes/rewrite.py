@@ -5,6 +5,9 @@
     inline         the match is part of a bigger forward (FFN written in the block) -> the block becomes an
                    fx.GraphModule of its rewritten graph, with the MoE layer as submodule `moe` and a call to it
                    in place of the FFN's nodes.
+    module chain   the match was located with torch.export in a block fx cannot trace, as three child-module
+                   calls up -> act -> down -> up becomes the MoE layer, act and down identities; the block's
+                   class and forward are untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from .locate import ModuleChain
 from .patterns import FFNMatch
 
 
@@ -38,6 +42,13 @@ def rewrite_inline(module: nn.Module, graph: fx.Graph,
     rewritten.delete_all_unused_submodules()
     rewritten.train(module.training)
     return rewritten
+
+
+def rewrite_module_chain(block: nn.Module, chain: ModuleChain, layer: nn.Module) -> None:
+    """block.up(x) -> block.act -> block.down  becomes  block.up = MoE(x), block.act = block.down = Identity."""
+    setattr(block, chain.up, layer)
+    setattr(block, chain.act, nn.Identity())
+    setattr(block, chain.down, nn.Identity())
 
 
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""How export and parity call a whole model: positional token-id inputs in, one logits tensor out.
+"""How export, parity and the torch.export search call a whole model: token ids in, one logits tensor out.
 
 nanoGPT-style models return the logits tensor; Hugging Face models return a ModelOutput whose `.logits` is
 taken, and are called with use_cache=False so that no KV cache enters the graph.

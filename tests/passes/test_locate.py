@@ -1,0 +1,147 @@
+"""FFNs inside blocks that torch.fx cannot trace, located with one whole-model torch.export (passes/locate.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moe_compile
+from moe_compile import MoEConfig, MoELayer, NoFFNFoundError
+
+from ..conftest import VOCAB
+
+
+def make_opt() -> nn.Module:
+    """Hugging Face OPT: fc1 -> activation_fn -> fc2 inline in OPTDecoderLayer, whose forward fx cannot trace."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                    word_embed_proj_dim=64, vocab_size=VOCAB, init_std=0.05)
+    model = transformers.OPTForCausalLM(config).eval()
+    with torch.no_grad():  # non-zero biases, so that a bias added twice or dropped shows
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def opt():
+    return make_opt()
+
+
+def ids(shape=(2, 8), seed=0):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+class UntraceableBlock(nn.Module):
+    """Branches on a shape (torch.fx cannot turn a traced value into a bool), then runs an FFN inline."""
+
+    def __init__(self, style: str = "module_act"):
+        super().__init__()
+        self.style = style
+        self.up = nn.Linear(16, 32)
+        self.gate = nn.Linear(16, 32)
+        self.act = nn.GELU()
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, x):
+        a, b = (x, 2 * x) if x.shape[-1] == 16 else (x, x)
+        if self.style == "module_act":
+            h = self.act(self.up(a))
+        elif self.style == "functional_act":
+            h = F.gelu(self.up(a))
+        elif self.style == "gated":
+            h = F.silu(self.gate(a)) * self.up(a)
+        else:  # "act_used_twice"
+            return b + self.down(self.act(self.up(a))) + self.act(b)
+        return b + self.down(h)
+
+
+def block_model(style: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(UntraceableBlock(style)).eval()
+
+
+def features(shape=(2, 5), seed=0):
+    return torch.randn(*shape, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_without_example_inputs_the_error_says_how_to_search(opt):
+    with pytest.raises(NoFFNFoundError, match=r"(?s)not traceable with torch.fx.*pass example_inputs=\(token_ids,\)"):
+        moe_compile.convert(opt, MoEConfig(num_experts=4))
+
+
+def test_opt_sites_are_located(opt):
+    report = moe_compile.find_ffn_blocks(opt, example_inputs=ids())
+    found = [s for s in report.sites if s.action == "found"]
+    assert [s.name for s in found] == ["model.decoder.layers.0:fc1..fc2", "model.decoder.layers.1:fc1..fc2"]
+    assert all(s.pattern == "Linear -> relu -> Linear -> Dropout" and (s.d_model, s.d_ff) == (64, 128) for s in found)
+    assert all("located with torch.export" in s.reason for s in found)
+
+
+@pytest.mark.parametrize("config", [MoEConfig(num_experts=4, top_k=2),  # upcycled, renormalised top-2
+                                    MoEConfig(num_experts=4, top_k=4, experts="split")])  # split, k = E
+def test_opt_conversion_is_exact_and_keeps_the_block(opt, config):
+    moe = moe_compile.convert(opt, config, example_inputs=ids())
+    layer = moe.model.decoder.layers[0]
+    assert type(layer).__name__ == "OPTDecoderLayer"
+    assert isinstance(layer.fc1, MoELayer) and isinstance(layer.activation_fn, nn.Identity)
+    assert isinstance(layer.fc2, nn.Identity)
+    assert layer.fc1.dropout.p == 0.0  # OPTDecoderLayer's forward still applies its own dropout after fc2
+    with torch.no_grad():
+        error = (moe(ids((3, 11), seed=1)).logits - opt(ids((3, 11), seed=1)).logits).abs().max().item()
+    assert error <= 1e-5
+    assert isinstance(opt.model.decoder.layers[0].fc1, nn.Linear)  # the input model is untouched
+
+
+def test_opt_exports_and_round_trips(opt, tmp_path):
+    moe = moe_compile.convert(opt, MoEConfig(num_experts=4, top_k=2, upcycle_noise=0.3), example_inputs=ids())
+    report = moe_compile.export(moe, ids(), tmp_path / "opt.onnx", target="ort")
+    assert [layer.lowering for layer in report.layers] == ["com.microsoft.MoE"] * 2
+    parity = moe_compile.check_parity(moe, tmp_path / "opt.onnx", ids((3, 13), seed=2))
+    assert parity.passed, parity.table()
+
+    moe_compile.save(moe, tmp_path / "saved")
+    loaded = moe_compile.load(tmp_path / "saved")  # replays the torch.export search from the recorded shapes
+    with torch.no_grad():
+        assert torch.equal(loaded(ids(seed=3)).logits, moe(ids(seed=3)).logits)
+
+
+def test_a_module_chain_in_a_custom_block_is_rewritten():
+    dense = block_model("module_act")
+    moe = moe_compile.convert(dense, MoEConfig(num_experts=4, top_k=4, experts="split"), example_inputs=features())
+    (site,) = moe.moe_report.converted
+    assert site.name == "0:up..down" and "0.up is now the MoELayer" in site.reason
+    torch.testing.assert_close(moe(features(seed=1)), dense(features(seed=1)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("style, reason", [
+    ("functional_act", "its activation is computed in 0's own forward"),
+    ("gated", "gated FFN computed in 0's own forward"),
+    ("act_used_twice", "0.act also run elsewhere"),
+])
+def test_chains_that_cannot_be_rewritten_say_why(style, reason):
+    dense = block_model(style)
+    report = moe_compile.find_ffn_blocks(dense, example_inputs=features())
+    (site,) = report.sites
+    assert site.action == "skipped" and reason in site.reason
+    with pytest.raises(NoFFNFoundError, match=reason):
+        moe_compile.convert(copy.deepcopy(dense), MoEConfig(num_experts=4), example_inputs=features())
+
+
+def test_a_model_torch_export_refuses_is_reported():
+    class DataDependent(UntraceableBlock):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: neither fx nor torch.export handle it
+                x = -x
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    report = moe_compile.find_ffn_blocks(nn.Sequential(DataDependent()), example_inputs=features())
+    assert not report.sites
+    assert any(note.outcome.startswith("torch.export failed") for note in report.notes)
