@@ -17,7 +17,9 @@ Inputs = Union[torch.Tensor, tuple, list]
 
 def as_input_tuple(inputs: Inputs, where: str) -> tuple[torch.Tensor, ...]:
     """One tensor or a sequence of tensors -> a tuple of tensors."""
-    items = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs) if isinstance(inputs, (tuple, list)) else None
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    items = tuple(inputs) if isinstance(inputs, (tuple, list)) else None
     if not items or not all(isinstance(t, torch.Tensor) for t in items):
         raise TypeError(f"{where}: inputs must be a tensor or a tuple of tensors (e.g. token ids [batch, seq]), "
                         f"got {type(inputs).__name__}.")

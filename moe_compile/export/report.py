@@ -33,8 +33,8 @@ class ExportReport:
     def table(self) -> str:
         head = f"ONNX export: {self.path}  (target={self.target}, dtype={self.dtype}, opset={self.opset})"
         rows = [("layer", "routing", "lowering", "capacity", "may drop", "note")]
-        rows += [(l.name, l.routing, l.lowering, l.capacity, "yes" if l.may_drop else "no", l.reason)
-                 for l in self.layers]
+        rows += [(layer.name, layer.routing, layer.lowering, layer.capacity, "yes" if layer.may_drop else "no",
+                  layer.reason) for layer in self.layers]
         return format_table(rows, head)
 
     def __str__(self) -> str:

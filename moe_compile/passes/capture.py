@@ -57,7 +57,8 @@ def as_projection(module: nn.Module) -> Optional[Projection]:
             continue
         expected = nn.functional.linear(probe, weight, bias)
         tol = 1e-4 if stored.dtype == torch.float32 else 1e-2
-        if isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.allclose(out, expected, rtol=tol, atol=tol):
+        if isinstance(out, torch.Tensor) and out.shape == expected.shape and \
+                torch.allclose(out, expected, rtol=tol, atol=tol):
             return Projection(weight, bias, type(module).__name__)
     return None
 
