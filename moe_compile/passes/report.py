@@ -39,10 +39,6 @@ class ConversionReport:
     def converted(self) -> list[SiteReport]:
         return [s for s in self.sites if s.action == "converted"]
 
-    @property
-    def skipped(self) -> list[SiteReport]:
-        return [s for s in self.sites if s.action == "skipped"]
-
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict() if self.config else None, "example_inputs": self.example_inputs,
                 "sites": [asdict(s) for s in self.sites], "notes": [asdict(n) for n in self.notes]}
