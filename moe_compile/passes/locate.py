@@ -41,6 +41,7 @@ class ModuleChain:
 class LocatedFFN:
     match: FFNMatch  # on the exported graph; its projections hold the model's own weights
     block: str  # qualified name of the block whose forward computes the FFN
+    name: str  # "<block>:<up>..<down>", as inline sites are named
     chain: Optional[ModuleChain]  # how to rewrite it, when it can be
     reason: Optional[str]  # why it cannot be rewritten
 
@@ -62,7 +63,8 @@ def locate_ffns(model: nn.Module, example_inputs: Inputs, blocks: set[str]) -> t
         if block not in blocks:
             continue
         chain, reason = _module_chain(model, match, block, ops_per_module, uses)
-        found.append(LocatedFFN(match, block, chain, check_match(match) or reason))
+        up, down = (_owner(node).rpartition(".")[2] for node in (match.up, match.down))
+        found.append(LocatedFFN(match, block, f"{block}:{up}..{down}", chain, check_match(match) or reason))
     return found, None
 
 

@@ -63,29 +63,25 @@ def _scan(model: nn.Module, example_inputs: Optional[Inputs]) -> tuple[list[_Sit
         for match in matches:
             whole = covers_whole_module(graph, match)
             site_name = name if whole else f"{name}:{match.up.target}..{match.down.target}".lstrip(":")
-            ffn = match.dense_ffn()
-            skip_reason = check_match(match)
-            report = SiteReport(name=site_name, module=name, pattern=match.pattern, d_model=ffn.d_model,
-                                d_ff=ffn.d_ff, bias=ffn.up_bias is not None, gated=match.gated,
-                                action="skipped" if skip_reason else "found", reason=skip_reason or "")
+            report = _site_report(site_name, name, match, check_match(match))
             sites.append(_Site(name, module, graph, match, whole, report))
     if untraceable and example_inputs is not None:
         located, failure = locate_ffns(model, example_inputs, untraceable)
         if failure:
             notes.append(ModuleNote("", failure))
-        sites += [_located_site(model, found) for found in located]
+        for found in located:
+            report = _site_report(found.name, found.block, found.match, found.reason,
+                                  "located with torch.export (torch.fx cannot trace the block)")
+            sites.append(_Site(found.block, model.get_submodule(found.block), None, found.match, False, report,
+                               found.chain))
     return sites, notes
 
 
-def _located_site(model: nn.Module, found) -> _Site:
-    match, chain = found.match, found.chain
+def _site_report(name: str, module: str, match: FFNMatch, skip_reason: Optional[str], note: str = "") -> SiteReport:
     ffn = match.dense_ffn()
-    up, down = (chain.up, chain.down) if chain else ("?", "?")
-    report = SiteReport(name=f"{found.block}:{up}..{down}", module=found.block, pattern=match.pattern,
-                        d_model=ffn.d_model, d_ff=ffn.d_ff, bias=ffn.up_bias is not None, gated=match.gated,
-                        action="skipped" if found.reason else "found",
-                        reason=found.reason or "located with torch.export (torch.fx cannot trace the block)")
-    return _Site(found.block, model.get_submodule(found.block), None, match, False, report, chain)
+    return SiteReport(name=name, module=module, pattern=match.pattern, d_model=ffn.d_model, d_ff=ffn.d_ff,
+                      bias=ffn.up_bias is not None, gated=match.gated, action="skipped" if skip_reason else "found",
+                      reason=skip_reason or note)
 
 
 def find_ffn_blocks(model: nn.Module, example_inputs: Optional[Inputs] = None) -> ConversionReport:
