@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from .config import MoEConfig
+from .model_io import Inputs
 from .passes import SiteReport, find_ffn_blocks
 from .table import format_table
 
@@ -91,7 +92,8 @@ def site_stats(site: SiteReport, config: MoEConfig) -> SiteStats:
     )
 
 
-def model_stats(model: nn.Module, config: Optional[MoEConfig] = None, example_inputs=None) -> ModelStats:
+def model_stats(model: nn.Module, config: Optional[MoEConfig] = None,
+                example_inputs: Optional[Inputs] = None) -> ModelStats:
     """Counts for every FFN site of `model`, dense vs MoE.
 
     A converted model is counted with its own sites and MoEConfig; a dense one with the sites `convert`
