@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
+from .dispatch import run_experts
 from .experts import ExpertWeights
 from .routers import Router
 
@@ -80,26 +81,7 @@ class MoELayer(nn.Module):
         routed = self.router(x)
         dispatch = routed.dispatch
         flat = x.reshape(-1, x.shape[-1])
-        rows = flat[dispatch.token]  # one gather: every row in expert order
-        starts, counts = torch.stack([dispatch.starts, dispatch.counts]).tolist()  # the loop's one host sync
-        outputs, tokens, weights = [], [], []
-        for e, (start, count) in enumerate(zip(starts, counts)):
-            torch._check(start >= 0)
-            torch._check(count >= 0)
-            torch._check(start + count <= rows.shape[0])
-            outputs.append(self.expert(e, rows[start:start + count]))
-            tokens.append(dispatch.token[start:start + count])
-            weights.append(dispatch.weight[start:start + count])
-        token = torch.cat(tokens)
-        out = torch.cat(outputs)
-        if self.combine == "weighted":
-            out = out * torch.cat(weights).to(out.dtype).unsqueeze(1)
-        # summed in at least fp32: a no-op for fp32 and fp64, more accurate for fp16/bf16, and ONNX Runtime's CPU
-        # ScatterND-add has no fp16
-        acc = torch.promote_types(x.dtype, torch.float32)
-        y = flat.new_zeros(flat.shape, dtype=acc).index_add(0, token, out.to(acc)).to(x.dtype)
-        rows_per_token = torch.zeros(flat.shape[0], device=x.device).index_add(0, token, torch.ones_like(token,
-                                                                                                   dtype=torch.float))
+        y, rows_per_token = run_experts(flat, dispatch, self.expert, weighted=self.combine == "weighted")
         if self.output_bias is not None:  # once per token some expert processed: a dropped token's output stays 0
             y = y + (rows_per_token > 0).to(x.dtype).unsqueeze(1) * self.output_bias
 
