@@ -82,14 +82,14 @@ def save_hf(model: nn.Module, directory: PathLike, *, architecture: Optional[str
         raise HFCheckpointError(f"{where}: {type(model).__name__} is not a converted transformers model. Convert a "
                                 "LLaMA, Mistral or Qwen2 model with moe_compile.convert(model, MoEConfig(...)) first.")
     source = config.to_dict()
-    count = source.get("num_hidden_layers")
-    expected = [f"model.layers.{i}.mlp" for i in range(count or 0)]
-    if sorted(layers) != sorted(expected):
-        raise HFCheckpointError(f"{where}: Mixtral and Qwen2-MoE need an MoE block as every decoder layer's MLP "
-                                f"({', '.join(expected[:2])}, ...); this model's MoE layers are "
-                                f"{', '.join(sorted(layers))}. Convert the whole model. {OWN_FORMAT}")
     target = choose_architecture(source, any(shared_expert(layer) for layer in layers.values()), architecture,
                                  where)
+    count = source["num_hidden_layers"]
+    expected = [f"model.layers.{i}.mlp" for i in range(count)]
+    if sorted(layers) != sorted(expected):
+        raise HFCheckpointError(f"{where}: {ARCHITECTURES[target]} has an MoE block as every decoder layer's MLP "
+                                f"({', '.join(expected[:2])}, ...); this model's MoE layers are "
+                                f"{', '.join(sorted(layers))}. Convert the whole model. {OWN_FORMAT}")
     moe = _common_shape([MoEShape.of_layer(layers[name]) for name in expected], where)
     check_routing(moe.routing, target, where)
 

@@ -105,8 +105,9 @@ def choose_architecture(source: dict[str, Any], shared: bool, requested: Optiona
     written), Qwen2-MoE for Qwen2, or the `requested` one; refuses source features the target lacks."""
     model_type = source.get("model_type")
     if model_type not in SOURCE_TYPES:
+        found = f"this one is {model_type!r}" if model_type else "this one is not a transformers model"
         raise HFCheckpointError(f"{where}: writes Mixtral / Qwen2-MoE checkpoints from LLaMA, Mistral and Qwen2 "
-                                f"models; this one is {model_type!r}. {OWN_FORMAT}")
+                                f"models; {found}. {OWN_FORMAT}")
     if requested is not None and requested not in ARCHITECTURES:
         raise HFCheckpointError(f"{where}: unknown architecture {requested!r}. Choose one of "
                                 f"{', '.join(ARCHITECTURES)}, or leave it unset.")
