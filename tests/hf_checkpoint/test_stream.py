@@ -62,11 +62,12 @@ def test_damaged_or_unsupported_sources_are_refused(tmp_path):
     with pytest.raises(mc.HFCheckpointError, match=r"decoder layer 1 .*\(missing: \['model.layers.1.mlp.up_proj"):
         mc.convert_hf_checkpoint(tmp_path / "no_up", tmp_path / "out", config)
 
+    dense.save_pretrained(tmp_path / "ok")
     with pytest.raises(mc.HFCheckpointError, match="expert_choice"):
-        mc.convert_hf_checkpoint(tmp_path / "no_up", tmp_path / "out", mc.MoEConfig(num_experts=4, routing="expert_choice"))
+        mc.convert_hf_checkpoint(tmp_path / "ok", tmp_path / "out", mc.MoEConfig(num_experts=4, routing="expert_choice"))
     with pytest.raises(ValueError, match="not divisible by 3"):
-        mc.convert_hf_checkpoint(tmp_path / "no_up", tmp_path / "out", mc.MoEConfig(num_experts=3, experts="split",
-                                                                                     combine="weighted"))
+        mc.convert_hf_checkpoint(tmp_path / "ok", tmp_path / "out", mc.MoEConfig(num_experts=3, experts="split",
+                                                                                 combine="weighted"))
     assert not (tmp_path / "out").exists()
 
 
