@@ -97,12 +97,12 @@ def save_hf(model: nn.Module, directory: PathLike, *, architecture: Optional[str
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the head is the embedding; transformers re-ties it on load
     dense = {name: t for name, t in state.items() if not any(name.startswith(p + ".") for p in expected)}
-    by_layer = _group_by_layer(dense, count)
+    by_layer = _group_by_layer(dense, count, where)
     groups = [lambda: by_layer[None]] + [
         (lambda i=i: {**by_layer[i], **layer_tensors(layers[expected[i]], i, target, f"{where}: {expected[i]}")})
         for i in range(count)]
     report = getattr(model, "moe_report", None)
-    lb_coef = report.config.load_balance_coef if report is not None and report.config else MoEConfig().load_balance_coef
+    lb_coef = (report.config if report is not None and report.config else MoEConfig()).load_balance_coef
     source_dir = tokenizer_dir if tokenizer_dir is not None else _local_dir(getattr(config, "_name_or_path", ""))
     dtype = layers[expected[0]].up_weight.dtype
     return _write(directory, groups, lambda: (moe, dtype), source, target, lb_coef, source_dir)
@@ -123,11 +123,11 @@ def convert_hf_checkpoint(source_dir: PathLike, directory: PathLike, config: Opt
     check_routing(Routing.of_config(config), target, where)
     activation = _activation(source, where)
     count = source["num_hidden_layers"]
-    names = checkpoint.names()
-    by_layer = _group_by_layer(dict.fromkeys(names), count)
+    by_layer = _group_by_layer(dict.fromkeys(checkpoint.names()), count, where)
     for i in range(count):
         ffn_names = {f"model.layers.{i}.mlp.{name}.weight" for name in FFN_NAMES}
-        extra = sorted(name for name in by_layer[i] if name.startswith(f"model.layers.{i}.mlp.") and name not in ffn_names)
+        mlp = {name for name in by_layer[i] if name.startswith(f"model.layers.{i}.mlp.")}
+        extra = sorted(mlp - ffn_names)
         if not ffn_names <= set(by_layer[i]) or extra:
             raise HFCheckpointError(f"{where}: decoder layer {i} of {source_dir} does not hold the gated MLP "
                                     f"{', '.join(sorted(ffn_names))} alone (missing: "
@@ -138,7 +138,6 @@ def convert_hf_checkpoint(source_dir: PathLike, directory: PathLike, config: Opt
     shapes: list[MoEShape] = []
     dtypes: list[torch.dtype] = []
     show = progress if progress is not None else count >= 8
-    bar = tqdm(total=count, desc="converting layers", unit="layer", disable=not show)
 
     def layer_group(i: int) -> dict[str, torch.Tensor]:
         tensors = checkpoint.read(by_layer[i])
@@ -152,10 +151,9 @@ def convert_hf_checkpoint(source_dir: PathLike, directory: PathLike, config: Opt
         return {**tensors, **layer_tensors(layer, i, target, f"{where}: model.layers.{i}.mlp")}
 
     groups = [lambda: checkpoint.read(by_layer[None])] + [lambda i=i: layer_group(i) for i in range(count)]
-    written = _write(directory, groups, lambda: (_common_shape(shapes, where), dtypes[0]), source, target,
-                     config.load_balance_coef, source_dir)
-    bar.close()
-    return written
+    with tqdm(total=count, desc="converting layers", unit="layer", disable=not show) as bar:
+        return _write(directory, groups, lambda: (_common_shape(shapes, where), dtypes[0]), source, target,
+                      config.load_balance_coef, source_dir)
 
 
 def _write(directory: PathLike, groups: list[Callable[[], dict]],
@@ -178,19 +176,24 @@ def _write(directory: PathLike, groups: list[Callable[[], dict]],
                         moe.routing.top_k, len(paths), sum(path.stat().st_size for path in paths), copied)
 
 
-def _group_by_layer(tensors: dict[str, Any], count: int) -> dict[Optional[int], dict[str, Any]]:
+def _group_by_layer(tensors: dict[str, Any], count: int, where: str) -> dict[Optional[int], dict[str, Any]]:
     """{layer index: its entries, None: everything outside the decoder layers}."""
     groups: dict[Optional[int], dict[str, Any]] = {None: {}, **{i: {} for i in range(count)}}
     for name, value in tensors.items():
         match = _LAYER_KEY.match(name)
-        groups[int(match.group(1)) if match else None][name] = value
+        layer = int(match.group(1)) if match else None
+        if layer is not None and layer not in groups:
+            raise HFCheckpointError(f"{where}: {name} belongs to decoder layer {layer}, but the config has "
+                                    f"num_hidden_layers={count}. The weights and config.json do not match.")
+        groups[layer][name] = value
     return groups
 
 
 def _common_shape(shapes: list[MoEShape], where: str) -> MoEShape:
     if len(set(shapes)) != 1:
         raise HFCheckpointError(f"{where}: the MoE layers differ ({sorted(set(map(str, shapes)))}); a Mixtral or "
-                                f"Qwen2-MoE config has one expert count, width and routing for all layers. {OWN_FORMAT}")
+                                "Qwen2-MoE config has one expert count, width and routing for all layers. "
+                                f"{OWN_FORMAT}")
     return shapes[0]
 
 

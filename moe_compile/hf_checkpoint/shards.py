@@ -40,10 +40,7 @@ class SourceCheckpoint:
                                     "directory (written by save_pretrained).")
         if not config_path.is_file():
             raise HFCheckpointError(f"{where}: {config_path} is missing. Pass a directory written by save_pretrained.")
-        try:
-            self.config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise HFCheckpointError(f"{where}: {config_path} is not valid JSON ({error}).") from None
+        self.config = _transformers_config(self.directory, where)
         self.files = self._weight_map()
 
     def _weight_map(self) -> dict[str, Path]:
@@ -107,6 +104,19 @@ def write_shards(directory: PathLike, groups: Sequence[Callable[[], dict[str, to
         total += sum(tensor.numel() * tensor.element_size() for tensor in group.values())
         paths.append(path)
         del group
+    for stale in set(directory.glob("model-?????-of-?????.safetensors")) - set(paths):  # from an earlier save
+        stale.unlink()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return paths
+
+
+def _transformers_config(directory: Path, where: str) -> dict:
+    """config.json as transformers reads it (defaults filled in, as `model.config.to_dict()` has them)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True).to_dict()
+    except (ValueError, OSError, TypeError) as error:
+        raise HFCheckpointError(f"{where}: {directory / 'config.json'} is not a transformers config "
+                                f"({str(error).splitlines()[0]}).") from None

@@ -98,6 +98,14 @@ def test_qwen2_moe_without_shared_expert_adds_nothing(tmp_path):
         assert (hf.model.layers[0].mlp(x) - moe.model.layers[0].mlp(x)).abs().max().item() <= 1e-6
 
 
+def test_saving_again_replaces_the_shards_of_an_earlier_save(tmp_path):
+    mc.save_hf(mc.convert(make_dense("llama", num_hidden_layers=3), mc.MoEConfig(num_experts=4)), tmp_path)
+    mc.save_hf(mc.convert(make_dense("llama"), mc.MoEConfig(num_experts=4)), tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"model-0000{i}-of-00003.safetensors"
+                                                                       for i in (1, 2, 3)]
+    assert hf_logits(tmp_path, IDS)[0] == "MixtralForCausalLM"
+
+
 def test_tokenizer_files_are_copied_from_the_source_directory(tmp_path):
     dense = make_dense("llama")
     dense.save_pretrained(tmp_path / "dense")

@@ -39,10 +39,15 @@ def test_streamed_conversion_equals_convert_then_save_hf(case, tmp_path):
     assert streamed.layers == 3 and streamed.shards == 4 and "generation_config.json" in streamed.copied
 
 
-def test_damaged_or_unsupported_sources_are_refused(tmp_path):
+def test_damaged_or_unsupported_sources_are_refused(tmp_path, hf_gpt2):
     config = mc.MoEConfig(num_experts=4)
     with pytest.raises(mc.HFCheckpointError, match="is not a directory"):
         mc.convert_hf_checkpoint(tmp_path / "nowhere", tmp_path / "out", config)
+
+    (tmp_path / "not_a_config").mkdir()
+    (tmp_path / "not_a_config" / "config.json").write_text('{"model_type": "no_such_model"}')
+    with pytest.raises(mc.HFCheckpointError, match="is not a transformers config"):
+        mc.convert_hf_checkpoint(tmp_path / "not_a_config", tmp_path / "out", config)
 
     dense = make_dense("llama")
     dense.save_pretrained(tmp_path / "bin", safe_serialization=True)
@@ -64,10 +69,19 @@ def test_damaged_or_unsupported_sources_are_refused(tmp_path):
 
     dense.save_pretrained(tmp_path / "ok")
     with pytest.raises(mc.HFCheckpointError, match="expert_choice"):
-        mc.convert_hf_checkpoint(tmp_path / "ok", tmp_path / "out", mc.MoEConfig(num_experts=4, routing="expert_choice"))
+        mc.convert_hf_checkpoint(tmp_path / "ok", tmp_path / "out",
+                                 mc.MoEConfig(num_experts=4, routing="expert_choice"))
     with pytest.raises(ValueError, match="not divisible by 3"):
         mc.convert_hf_checkpoint(tmp_path / "ok", tmp_path / "out", mc.MoEConfig(num_experts=3, experts="split",
                                                                                  combine="weighted"))
+    hf_gpt2.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(mc.HFCheckpointError, match="from LLaMA, Mistral and Qwen2 models; this one is 'gpt2'"):
+        mc.convert_hf_checkpoint(tmp_path / "gpt2", tmp_path / "out", config)
+
+    settings = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": 1}))
+    with pytest.raises(mc.HFCheckpointError, match="belongs to decoder layer 1, but the config has num_hidden_layers=1"):
+        mc.convert_hf_checkpoint(tmp_path / "ok", tmp_path / "out", config)
     assert not (tmp_path / "out").exists()
 
 
