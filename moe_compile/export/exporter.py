@@ -1,12 +1,12 @@
 """moe_compile.export: a converted model -> one ONNX file, each MoE layer lowered for a target.
 
 Targets:
-  portable  standard ONNX ops only (no custom domain, no Loop/If): the MoE layer's own capacity-padded forward,
-            exported by the dynamo exporter. Tokens go into per-expert buffers of C slots, one batched MatMul
-            per projection runs every expert, the outputs are added back with their gates. C is integer
-            arithmetic on the symbolic token count, so the graph is static per token count and has the same
-            nodes for any number of experts. Dropless token choice takes C = T (one expert may receive every
-            token, so nothing is ever dropped), or C = min(ceil(cf T k / E), T) with export's capacity_factor.
+  portable  standard ONNX ops only (no custom domain, no Loop/If): the MoE layer's own forward, exported by the
+            dynamo exporter. Router MatMul, Softmax, TopK; the choices sorted by expert (TopK on an int64 key);
+            one Gather of the token rows; per expert a Slice with data-dependent bounds and plain MatMuls (Gemm)
+            against that expert's own 2-D weight initializers, which ONNX Runtime prepacks; a ScatterND-add of
+            the gated rows back to their tokens. Exact and dropless unless the model has a capacity; the node
+            count grows linearly with the number of experts.
   ort       each MoE layer that com.microsoft.MoE expresses exactly becomes that one node (see ort_moe.py);
             every other layer keeps the portable lowering and the report says why (or, with
             fallback=False, export raises LoweringError).
@@ -36,14 +36,12 @@ DTYPES = (torch.float32, torch.float16)
 
 
 def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLike], *, target: str = "portable",
-           dynamic: bool = True, dtype: Optional[torch.dtype] = None, capacity_factor: Optional[float] = None,
-           fallback: bool = True, opset: Optional[int] = None) -> ExportReport:
+           dynamic: bool = True, dtype: Optional[torch.dtype] = None, fallback: bool = True, opset: Optional[int] = None) -> ExportReport:
     """Write `model` (called on `example_inputs`, returning logits) to the ONNX file `path`.
 
     The model is deep-copied and put in eval mode (and cast to `dtype`, float32 or float16); the caller's model
     is untouched. With dynamic=True the batch and sequence axes (dims 0 and 1 of every input) are dynamic.
-    capacity_factor sets C = min(ceil(cf T k / E), T) on dropless token-choice layers lowered portably (faster,
-    but may drop tokens the eager model keeps; the report says so). fallback=False makes target="ort" raise
+    fallback=False makes target="ort" raise
     LoweringError for a layer com.microsoft.MoE cannot express instead of lowering it portably. opset: the ONNX
     opset (default: the exporter's).
     """
@@ -54,9 +52,6 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
         raise TypeError(f"export: model must be a torch.nn.Module, got {type(model).__name__}.")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"export: dtype {dtype} is not supported. Use torch.float32 or torch.float16.")
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(f"export: capacity_factor must be > 0, got {capacity_factor!r}. Use 1.25, say, or None "
-                         "(dropless, C = T).")
     inputs = as_input_tuple(example_inputs, "export")
     if dynamic and any(size < 2 for t in inputs for size in t.shape[:2]):
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
@@ -70,7 +65,7 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
     dtype_name = str(dtype or next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32))
     layers = []
     for name, layer in list(iter_moe_layers(work)):
-        replacement, lowering = _lower(name, layer, target, capacity_factor, fallback)
+        replacement, lowering = _lower(name, layer, target, fallback)
         layers.append(lowering)
         if replacement is not None:
             work = replace_submodule(work, name, replacement)
@@ -91,38 +86,29 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
                         opset=_opset_of(program))
 
 
-def _lower(name: str, layer: MoELayer, target: str, capacity_factor: Optional[float],
-           fallback: bool) -> tuple[Optional[nn.Module], LayerLowering]:
+def _lower(name: str, layer: MoELayer, target: str, fallback: bool) -> tuple[Optional[nn.Module], LayerLowering]:
     """The module that replaces `layer` in the copy (None: keep it, portable) and its line of the report."""
     router = layer.router
     routing = router.routing
     reason = ort_unsupported_reason(layer) if target == "ort" else None
     if target == "ort" and reason is None:
-        note = "" if capacity_factor is None else "capacity_factor ignored: the op is dropless and exact"
-        return OrtMoE(layer), LayerLowering(name, routing, OP_NAME, "none (dropless kernel)", False, note)
+        return OrtMoE(layer), LayerLowering(name, routing, OP_NAME, "none (dropless kernel)", False)
     if reason is not None and not fallback:
         raise LoweringError(f"export(target='ort'): layer {name!r} cannot be lowered to {OP_NAME}: {reason}. "
                             "Use target='portable' (standard ONNX ops express it exactly), or fallback=True to "
                             "lower only this layer portably.")
     note = f"fallback: {reason}" if reason else ""
-    k, experts = router.top_k, router.num_experts
+    k, experts, factor = router.top_k, router.num_experts, router.capacity_factor
     if routing == "expert_choice":
         group = "S = sequence length" if router.group == "sequence" else f"S = {router.group}"
-        capacity = f"C = min(ceil({router.capacity_factor}*S*{k}/{experts}), S) per group, {group}"
+        capacity = f"C = min(ceil({factor}*S*{k}/{experts}), S) per group, {group}"
         return None, LayerLowering(name, routing, "portable", capacity, True, note or "drops as in eager")
-    set_by_export = router.capacity_factor is None and capacity_factor is not None
-    if set_by_export:
-        router.capacity_factor = capacity_factor  # on the copy; the caller's model stays dropless
-    factor = router.capacity_factor
     if factor is None:
-        return None, LayerLowering(name, routing, "portable", "C = T (dropless)", False, note)
+        return None, LayerLowering(name, routing, "portable", "none (dropless)", False, note)
     drops = may_drop(factor, k, experts)
-    if drops:
-        why = (f"capacity_factor={factor} set by export: may drop tokens that the dropless eager model keeps"
-               if set_by_export else "drops as in eager")
-        note = "; ".join(filter(None, [note, why]))
     capacity = f"C = min(ceil({factor}*T*{k}/{experts}), T)"
-    return None, LayerLowering(name, routing, "portable", capacity, drops, note)
+    return None, LayerLowering(name, routing, "portable", capacity, drops,
+                               "; ".join(filter(None, [note, "drops as in eager" if drops else ""])))
 
 
 @contextlib.contextmanager

@@ -1,12 +1,13 @@
 """MoELayer: the sparse replacement of one dense FFN.
 
-    y(x) = sum_{(e, c): slot_token[e, c] = x} w_{e,c} FFN_e(x) + b_out
+    y_t = sum_{kept rows r of token t} w_r FFN_{e_r}(x_t) + [token t has a kept row] b_out
 
-with the slot table of the router's Dispatch, w = the slot's gate ("weighted") or 1 ("unweighted", split
-experts), FFN_e the e-th expert (plain or gated, as the dense FFN was) and b_out the dense down-projection bias
-when split experts share it. Computation is capacity-padded: the slot table gathers tokens into an
-[E, C, d] buffer, two batched matmuls run every expert at once, and an index-add scatters the weighted results
-back. Tokens in no slot get zero.
+over the rows of the router's Dispatch (the routing's choices sorted by expert, see dispatch.py), with
+w = the row's gate ("weighted") or 1 ("unweighted", split experts), FFN_e the e-th expert (plain or gated, as
+the dense FFN was) and b_out the dense down-projection bias when split experts share it. Each expert runs one
+plain matmul per projection on its own contiguous rows: no padding, no empty slots, dropless unless the router
+has a capacity. The same forward is what `torch.export` captures for the portable ONNX lowering (the slice
+bounds become data-dependent Slice nodes), so what runs in eager is what is deployed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
+from .dispatch import run_experts
 from .experts import ExpertWeights
 from .routers import Router
 
@@ -67,41 +70,28 @@ class MoELayer(nn.Module):
     def gated(self) -> bool:
         return self.gate_weight is not None
 
-    def experts_forward(self, xs: torch.Tensor) -> torch.Tensor:
-        """Every expert on its own rows: xs [E, C, d] -> [E, C, d]."""
+    def expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """FFN_e on its rows [n, d] -> [n, d]."""
         act = ACTIVATIONS[self.activation]
-        h = _batched_linear(xs, self.up_weight, self.up_bias)
-        h = act(_batched_linear(xs, self.gate_weight, self.gate_bias)) * h if self.gated else act(h)
-        return _batched_linear(h, self.down_weight, self.down_bias)
+        h = F.linear(rows, self.up_weight[e], _row(self.up_bias, e))
+        h = act(F.linear(rows, self.gate_weight[e], _row(self.gate_bias, e))) * h if self.gated else act(h)
+        return F.linear(h, self.down_weight[e], _row(self.down_bias, e))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routed = self.router(x)
         dispatch = routed.dispatch
         flat = x.reshape(-1, x.shape[-1])
-        tokens = flat.shape[0]
-        slot_token = dispatch.slot_token.reshape(-1)
-        slot_used = (slot_token < tokens).to(x.dtype).unsqueeze(1)
-        gates = dispatch.slot_weight.reshape(-1, 1).to(x.dtype) if self.combine == "weighted" else slot_used
-
-        padded = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
-        expert_in = padded[slot_token].view(self.num_experts, -1, flat.shape[1])
-        expert_out = self.experts_forward(expert_in).reshape(-1, flat.shape[1]) * gates
-        # summed in at least fp32: a no-op for fp32 and fp64, more accurate for fp16/bf16, and ONNX Runtime's CPU
-        # ScatterND-add has no fp16
-        acc = torch.promote_types(x.dtype, torch.float32)
-        y = padded.new_zeros(padded.shape, dtype=acc).index_add(0, slot_token, expert_out.to(acc))
-        y = y[:tokens].to(x.dtype)
+        y, rows_per_token = run_experts(flat, dispatch, self.expert, weighted=self.combine == "weighted")
         if self.output_bias is not None:  # once per token some expert processed: a dropped token's output stays 0
-            reached = (_experts_per_token(slot_token, tokens) > 0).to(x.dtype).unsqueeze(1)
-            y = y + reached * self.output_bias
+            y = y + (rows_per_token > 0).to(x.dtype).unsqueeze(1) * self.output_bias
 
         if not torch.compiler.is_exporting():
             self.aux_losses = routed.aux_losses()
             with torch.no_grad():
-                processed = (_experts_per_token(slot_token, tokens) > 0).float()
+                processed = (rows_per_token > 0).float()
                 self.routing_stats = RoutingStats(
-                    tokens_per_expert=(slot_token < tokens).view(self.num_experts, -1).sum(1),
-                    processed_fraction=processed.mean() if tokens else processed.new_ones(()),
+                    tokens_per_expert=dispatch.counts,
+                    processed_fraction=processed.mean() if processed.numel() else processed.new_ones(()),
                 )
         return self.dropout(y).view(x.shape)
 
@@ -116,16 +106,8 @@ class MoELayer(nn.Module):
                 f"activation={self.activation}{', gated' if self.gated else ''}, combine={self.combine}")
 
 
-def _experts_per_token(slot_token: torch.Tensor, tokens: int) -> torch.Tensor:
-    """[T]: how many expert slots hold each token (slot value T, the empty marker, is counted and cut off)."""
-    ones = torch.ones_like(slot_token, dtype=torch.float32)
-    return torch.zeros(tokens + 1, device=slot_token.device).index_add(0, slot_token, ones)[:tokens]
-
-
-def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [E, C, in] @ weight[E, out, in]^T + bias[E, 1, out]."""
-    y = torch.bmm(x, weight.transpose(1, 2))
-    return y if bias is None else y + bias.unsqueeze(1)
+def _row(bias: Optional[torch.Tensor], e: int) -> Optional[torch.Tensor]:
+    return None if bias is None else bias[e]
 
 
 def iter_moe_layers(model: nn.Module):

@@ -53,16 +53,15 @@ def to_moe(dense: torch.nn.Module, **config) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def exported(dense_models, tmp_path_factory):
-    """exported(model_name, target, dtype=None, capacity_factor=None, **MoEConfig fields) -> Exported, cached."""
+    """exported(model_name, target, dtype=None, **MoEConfig fields) -> Exported, cached."""
     cache: dict = {}
 
-    def get(model_name: str, target: str, dtype=None, capacity_factor=None, **config) -> Exported:
-        key = (model_name, target, dtype, capacity_factor, tuple(sorted(config.items())))
+    def get(model_name: str, target: str, dtype=None, **config) -> Exported:
+        key = (model_name, target, dtype, tuple(sorted(config.items())))
         if key not in cache:
             model = to_moe(dense_models[model_name], **config)
             path = tmp_path_factory.mktemp("onnx") / f"{model_name}-{target}.onnx"
-            report = moe_compile.export(model, token_ids(EXPORT_SHAPE), path, target=target, dtype=dtype,
-                                        capacity_factor=capacity_factor)
+            report = moe_compile.export(model, token_ids(EXPORT_SHAPE), path, target=target, dtype=dtype)
             cache[key] = Exported(model, report, path, onnx.load(str(path)).graph)
         return cache[key]
 

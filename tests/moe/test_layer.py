@@ -273,9 +273,9 @@ def test_expert_choice_is_not_causal_token_choice_is():
 
     ec = layer_for("expert_choice")
     out_a = ec(seq_a)
-    assert ec.router(seq_a).dispatch.slot_token.tolist() == [[0], [1]]
+    assert ec.router(seq_a).dispatch.token.tolist() == [0, 1]
     out_b = ec(seq_b)
-    assert ec.router(seq_b).dispatch.slot_token.tolist() == [[1], [0]]
+    assert ec.router(seq_b).dispatch.token.tolist() == [1, 0]
     assert (out_a[0, 0] - out_b[0, 0]).abs().max() > 1e-2
     p = torch.sigmoid(torch.tensor(0.5))
     assert torch.allclose(out_a[0, 0], p * expert_ffn(ec, 0, first[None])[0], atol=1e-6)
@@ -283,7 +283,8 @@ def test_expert_choice_is_not_causal_token_choice_is():
 
     for routing in ("token_choice", "switch"):
         tc = layer_for(routing)
-        assert torch.equal(tc(seq_a)[0, 0], tc(seq_b)[0, 0]), routing
+        # equal up to rounding: the expert's matmul runs on 1 or 2 rows, which BLAS may sum in another order
+        torch.testing.assert_close(tc(seq_a)[0, 0], tc(seq_b)[0, 0], rtol=1e-6, atol=1e-5, msg=routing)
 
 
 def test_deepcopy_after_a_training_forward():

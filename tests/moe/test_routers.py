@@ -1,4 +1,4 @@
-"""Routers: capacity arithmetic, the slot tables of switch / token-choice / expert-choice against
+"""Routers: capacity arithmetic, the sorted dispatch of switch / token-choice / expert-choice against
 straightforward loop implementations, the auxiliary losses against their formulas, and jitter."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from moe_compile.config import MoEConfig
+from moe_compile.moe.dispatch import sort_by_expert
 from moe_compile.moe.routers import (
     ExpertChoiceRouter,
     SwitchRouter,
     TokenChoiceRouter,
-    assign_slots,
     build_router,
     capacity,
 )
@@ -24,18 +24,20 @@ def _probs(tokens: int, experts: int, seed: int, scale: float = 3.0) -> torch.Te
     return torch.softmax(torch.randn(tokens, experts, generator=g) * scale, dim=-1)
 
 
-def _table(dispatch) -> dict[tuple[int, int], float]:
-    """{(expert, token): gate} of the filled slots of a Dispatch."""
+def _filled(dispatch, tokens: int) -> dict[tuple[int, int], float]:
+    """{(expert, token): gate} of the rows each expert computes, after checking the layout: segments are
+    contiguous, in expert order, and within the token range."""
     out = {}
-    for e, (row_t, row_w) in enumerate(zip(dispatch.slot_token.tolist(), dispatch.slot_weight.tolist())):
-        for t, w in zip(row_t, row_w):
+    starts, counts = dispatch.starts.tolist(), dispatch.counts.tolist()
+    assert starts == sorted(starts) and starts[0] == 0
+    ends = starts[1:] + [dispatch.token.shape[0]]
+    for e, (start, count, end) in enumerate(zip(starts, counts, ends)):
+        assert 0 <= count <= end - start
+        for t, w in zip(dispatch.token[start:start + count].tolist(), dispatch.weight[start:start + count].tolist()):
+            assert 0 <= t < tokens
             out.setdefault((e, t), 0.0)
             out[(e, t)] += w
     return out
-
-
-def _filled(dispatch, tokens: int) -> dict[tuple[int, int], float]:
-    return {key: w for key, w in _table(dispatch).items() if key[1] < tokens}
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 16, 37, 100, 513])
@@ -53,7 +55,7 @@ def test_switch_capacity_and_drops_match_loop():
     router = SwitchRouter(8, experts, factor)
     dispatch = router.route(probs, torch.Size([2, 12]))
     cap = math.ceil(factor * tokens / experts)
-    assert dispatch.slot_token.shape == (experts, cap)
+    assert max(dispatch.counts.tolist()) <= cap
 
     expected, count = {}, [0] * experts
     for t in range(tokens):  # token order is priority order
@@ -67,10 +69,7 @@ def test_switch_capacity_and_drops_match_loop():
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key] == pytest.approx(expected[key], abs=1e-7)
-    # empty slots point one past the last token, with gate 0
-    empty = dispatch.slot_token == tokens
-    assert torch.all(dispatch.slot_weight[empty] == 0)
-    assert int((~empty).sum()) == len(expected)
+    assert int(dispatch.counts.sum()) == len(expected) and dispatch.token.shape == (tokens,)
 
 
 def test_token_choice_priority_first_choices_before_second():
@@ -80,8 +79,10 @@ def test_token_choice_priority_first_choices_before_second():
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]])
     router = TokenChoiceRouter(8, 2, 2, capacity_factor=0.5, normalize=False)
     dispatch = router.route(probs, torch.Size([4]))
-    assert dispatch.slot_token.tolist() == [[0, 1], [3, 0]]
-    assert torch.allclose(dispatch.slot_weight, torch.tensor([[0.9, 0.8], [0.6, 0.1]]))
+    assert dispatch.counts.tolist() == [2, 2] and dispatch.starts.tolist() == [0, 4]
+    # expert 0's segment: t0, t1 kept, then t2 (first choice), t3 (second choice) dropped; expert 1: t3, t0 kept
+    assert dispatch.token.tolist() == [0, 1, 2, 3, 3, 0, 1, 2]
+    assert torch.allclose(dispatch.weight[[0, 1, 4, 5]], torch.tensor([0.9, 0.8, 0.6, 0.1]))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -97,7 +98,7 @@ def test_token_choice_matches_loop(normalize, factor):
         cap = max(sum(e in choice for choice in top) for e in range(experts))  # dropless
     else:
         cap = math.ceil(factor * tokens * k / experts)
-    assert dispatch.slot_token.shape == (experts, cap)
+    assert max(dispatch.counts.tolist()) <= cap
     expected, count = {}, [0] * experts
     for rank in range(k):
         for t in range(tokens):
@@ -138,7 +139,7 @@ def test_expert_choice_picks_top_c_tokens_per_group(group, factor, k):
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key] == pytest.approx(expected[key], abs=1e-7)
-    assert dispatch.slot_token.shape == (experts, cap * tokens // size)
+    assert dispatch.counts.tolist() == [cap * tokens // size] * experts
 
 
 def test_expert_choice_refuses_ragged_groups():
@@ -147,13 +148,25 @@ def test_expert_choice_refuses_ragged_groups():
         router.route(_probs(12, 4, seed=0), torch.Size([12]))
 
 
-def test_assign_slots_drops_past_capacity():
+def test_sort_by_expert_drops_past_capacity():
     ids = torch.tensor([[0], [0], [0], [1]])
     gates = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
-    dispatch = assign_slots(ids, gates, num_experts=2, slots=2)
-    assert dispatch.slot_token.tolist() == [[0, 1], [3, 4]]
-    assert dispatch.slot_weight.tolist() == [[1.0, 2.0], [4.0, 0.0]]
+    dispatch = sort_by_expert(ids, gates, num_experts=2, capacity=2)
+    assert dispatch.token.tolist() == [0, 1, 2, 3] and dispatch.weight.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert dispatch.starts.tolist() == [0, 3] and dispatch.counts.tolist() == [2, 1]  # t2 is past capacity
     assert dispatch.expert_fraction.tolist() == [0.75, 0.25]
+    assert not dispatch.packed
+
+
+def test_sort_by_expert_is_stable_and_handles_empty_experts():
+    ids = torch.tensor([[2, 0], [2, 3], [0, 2]])  # expert 1 gets nothing
+    gates = torch.arange(6.0).view(3, 2)
+    dispatch = sort_by_expert(ids, gates, num_experts=4)
+    assert dispatch.counts.tolist() == [2, 0, 3, 1] and dispatch.starts.tolist() == [0, 2, 2, 5]
+    # within an expert: first choices in token order, then second choices
+    assert dispatch.token.tolist() == [2, 0, 0, 1, 2, 1]
+    assert dispatch.weight.tolist() == [4.0, 1.0, 0.0, 2.0, 5.0, 3.0]
+    assert dispatch.packed
 
 
 def _router_with_weight(config: MoEConfig, d: int, seed: int):

@@ -1,10 +1,11 @@
 """Routers, one file per routing, built by name from an MoEConfig."""
 
 from ...config import MoEConfig
-from .base import Dispatch, Router, RouterOutput, capacity
+from ..dispatch import Dispatch
+from .base import Router, RouterOutput, capacity
 from .expert_choice import ExpertChoiceRouter
 from .switch import SwitchRouter
-from .token_choice import TokenChoiceRouter, assign_slots
+from .token_choice import TokenChoiceRouter
 
 
 def build_router(config: MoEConfig, d_model: int) -> Router:
@@ -17,5 +18,5 @@ def build_router(config: MoEConfig, d_model: int) -> Router:
                               config.expert_choice_group, config.router_jitter)
 
 
-__all__ = ["Dispatch", "Router", "RouterOutput", "capacity", "assign_slots", "build_router",
+__all__ = ["Dispatch", "Router", "RouterOutput", "capacity", "build_router",
            "TokenChoiceRouter", "SwitchRouter", "ExpertChoiceRouter"]

@@ -4,9 +4,8 @@
     probs  = softmax(logits)            (fp32)
     dispatch = route(probs)             (the template method each routing implements)
 
-A Dispatch is a table of E x C expert slots: slot (e, c) holds token `slot_token[e, c]` (T, one past the last
-token, when empty) with gate `slot_weight[e, c]`. Every routing, dropless or not, is computed from this table,
-in eager PyTorch and in the exported graph alike.
+A Dispatch (dispatch.py) is the routing's choices sorted by expert, with each expert's segment of rows: every
+routing, dropless or not, is computed from this one layout, in eager PyTorch and in the exported graph alike.
 
 Auxiliary losses (computed in training and eval, read by `moe_compile.aux_loss`):
     load balancing (Switch Transformer)  L_lb = E * sum_e f_e * P_e   (f_e = share of routing choices that
@@ -24,12 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class Dispatch:
-    slot_token: torch.Tensor  # [E, C] int64, token index or T for an empty slot
-    slot_weight: torch.Tensor  # [E, C] gate of each slot (0 for empty slots)
-    expert_fraction: torch.Tensor  # [E] share of routing choices per expert, f_e of the load-balancing loss
+from ..dispatch import Dispatch
 
 
 @dataclass

@@ -12,7 +12,8 @@ from typing import Union
 
 import torch
 
-from .base import Dispatch, Router, capacity
+from ..dispatch import Dispatch
+from .base import Router, capacity
 
 
 class ExpertChoiceRouter(Router):
@@ -35,7 +36,9 @@ class ExpertChoiceRouter(Router):
         slots = capacity(group, self.capacity_factor, self.top_k, num_experts)
         gates, picked = scores.topk(slots, dim=-1)  # [G, E, C]
         offsets = torch.arange(scores.shape[0], device=probs.device).view(-1, 1, 1) * group
-        slot_token = (picked + offsets).permute(1, 0, 2).reshape(num_experts, -1)
-        slot_weight = gates.permute(1, 0, 2).reshape(num_experts, -1)
-        expert_fraction = torch.full((num_experts,), 1.0 / num_experts, device=probs.device)
-        return Dispatch(slot_token, slot_weight, expert_fraction)
+        rows_per_expert = scores.shape[0] * slots  # rows ordered (expert, group, slot): exactly G C per expert
+        counts = torch.full((num_experts,), rows_per_expert, dtype=torch.long, device=probs.device)
+        return Dispatch(token=(picked + offsets).transpose(0, 1).reshape(-1),
+                        weight=gates.transpose(0, 1).reshape(-1),
+                        starts=torch.arange(num_experts, device=probs.device) * rows_per_expert, counts=counts,
+                        expert_fraction=torch.full((num_experts,), 1.0 / num_experts, device=probs.device))

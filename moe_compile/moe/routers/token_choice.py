@@ -11,25 +11,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .base import Dispatch, Router, capacity
-
-
-def assign_slots(expert_ids: torch.Tensor, gates: torch.Tensor, num_experts: int, slots: int) -> Dispatch:
-    """Place the [T, k] choices into an [E, slots] table; a choice past an expert's last slot is dropped."""
-    tokens, k = expert_ids.shape
-    choice_ids = expert_ids.t().reshape(-1)  # [k*T], first choices first
-    one_hot = F.one_hot(choice_ids, num_experts)
-    position = (one_hot.cumsum(0) - 1).gather(1, choice_ids[:, None]).squeeze(1)
-    overflow = num_experts * slots
-    slot = torch.where(position < slots, choice_ids * slots + position, overflow)
-    token = torch.arange(tokens, device=expert_ids.device).repeat(k)
-    slot_token = torch.full((overflow + 1,), tokens, dtype=torch.long, device=expert_ids.device)
-    slot_token = slot_token.scatter(0, slot, token)[:overflow]
-    slot_weight = gates.new_zeros(overflow + 1).scatter(0, slot, gates.t().reshape(-1))[:overflow]
-    expert_fraction = one_hot.float().mean(0)
-    return Dispatch(slot_token.view(num_experts, slots), slot_weight.view(num_experts, slots), expert_fraction)
+from ..dispatch import Dispatch, sort_by_expert
+from .base import Router, capacity
 
 
 class TokenChoiceRouter(Router):
@@ -49,14 +33,8 @@ class TokenChoiceRouter(Router):
             gates = gates / gates.sum(-1, keepdim=True)
         return gates, expert_ids
 
-    def slots_per_expert(self, expert_ids: torch.Tensor) -> int:
-        tokens = expert_ids.shape[0]
-        if self.capacity_factor is not None:
-            return capacity(tokens, self.capacity_factor, self.top_k, self.num_experts)
-        if torch.compiler.is_exporting():
-            return tokens  # dropless with a static shape: one expert may receive every token
-        return int(torch.bincount(expert_ids.flatten(), minlength=self.num_experts).max())
-
     def route(self, probs: torch.Tensor, token_shape: torch.Size) -> Dispatch:
         gates, expert_ids = self.select(probs)
-        return assign_slots(expert_ids, gates, self.num_experts, self.slots_per_expert(expert_ids))
+        slots = None if self.capacity_factor is None else \
+            capacity(expert_ids.shape[0], self.capacity_factor, self.top_k, self.num_experts)
+        return sort_by_expert(expert_ids, gates, self.num_experts, slots)
