@@ -21,6 +21,7 @@ scatter-add of ones (ONNX: ScatterElements), so the same code runs in eager PyTo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -88,34 +89,50 @@ def sort_by_expert(expert_ids: torch.Tensor, gates: torch.Tensor, num_experts: i
 def run_experts(flat: torch.Tensor, dispatch: Dispatch, expert: Callable[[int, torch.Tensor], torch.Tensor],
                 weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = sum over the computed rows r of token t of w_r expert(e_r, x_t) (w_r = 1 when not weighted), with
-    `expert(e, rows)` run once per expert on its contiguous rows; returns (y [T, d], computed rows per token [T]).
+    `expert(e, rows)` run once per expert on a gather of its contiguous rows; returns (y [T, d], computed rows
+    per token [T]).
 
-    One host sync reads the segment bounds the loop slices by; under torch.export they are data-dependent
-    sizes, so the exported graph keeps the same per-expert slices."""
+    One host sync reads the segment bounds the loop slices by; under torch.export they are data-dependent sizes,
+    so the exported graph keeps the same per-expert slices. Results are added back in place in eager PyTorch; an
+    ONNX graph has no in-place ops (each ScatterND copies its whole input), so there they are concatenated and
+    gathered back per choice (`combine_in_graph`), which measures faster in ONNX Runtime.
+    """
     starts, counts = torch.stack([dispatch.starts, dispatch.counts]).tolist()
-    outputs, weights = [], []
+    # summed in at least fp32: a no-op for fp32 and fp64, more accurate for fp16/bf16
+    acc = torch.promote_types(flat.dtype, torch.float32)
+    exporting = torch.compiler.is_exporting()
+    y = None if exporting else flat.new_zeros(flat.shape, dtype=acc)
+    outputs = []
     for e, (start, count) in enumerate(zip(starts, counts)):
         torch._check(start >= 0)
         torch._check(count >= 0)
         torch._check(start + count <= dispatch.token.shape[0])
-        # gather the expert's own rows (slicing the token ids, not the rows: ONNX Slice copies its data)
-        outputs.append(expert(e, flat.index_select(0, dispatch.token[start:start + count])))
-        weights.append(dispatch.weight[start:start + count])
-    out = torch.cat(outputs)
-    if weighted:
-        weight = dispatch.weight if dispatch.packed else torch.cat(weights)
-        out = out * weight.to(out.dtype).unsqueeze(1)
-    # summed in at least fp32: a no-op for fp32 and fp64, more accurate for fp16/bf16, and ONNX Runtime's CPU
-    # ScatterND-add has no fp16
-    acc = torch.promote_types(flat.dtype, torch.float32)
-    if dispatch.choice_rows is not None:  # token choice: gather each choice's row (a zero row when dropped)
-        computed = out.shape[0]
-        if not dispatch.packed:
-            out = torch.cat([out, out.new_zeros(1, out.shape[1])])
-        k, tokens = dispatch.choice_rows.shape
-        y = out.index_select(0, dispatch.choice_rows.reshape(-1)).view(k, tokens, -1).to(acc).sum(0)
-        return y.to(flat.dtype), (dispatch.choice_rows < computed).sum(0)
-    # expert choice: every row is computed (packed), a token may have any number of them
-    y = flat.new_zeros(flat.shape, dtype=acc).index_add(0, dispatch.token, out.to(acc))
-    rows_per_token = dispatch.token.new_zeros(flat.shape[0]).index_add(0, dispatch.token, torch.ones_like(dispatch.token))
+        token = dispatch.token[start:start + count]
+        out = expert(e, flat.index_select(0, token))
+        if weighted:
+            out = out * dispatch.weight[start:start + count].to(out.dtype).unsqueeze(1)
+        if exporting:
+            outputs.append(out)
+        else:
+            y.index_add_(0, token, out.to(acc))
+    computed = sum(counts)
+    if exporting:
+        y = combine_in_graph(torch.cat(outputs).to(acc), dispatch, flat.shape[0])
+    if dispatch.choice_rows is not None:
+        rows_per_token = (dispatch.choice_rows < computed).sum(0)
+    else:  # expert choice: every row is computed (packed), a token may have any number of them
+        ones = torch.ones_like(dispatch.token)
+        rows_per_token = dispatch.token.new_zeros(flat.shape[0]).index_add(0, dispatch.token, ones)
     return y.to(flat.dtype), rows_per_token
+
+
+def combine_in_graph(out: torch.Tensor, dispatch: Dispatch, tokens: int) -> torch.Tensor:
+    """The computed rows `out` [sum(counts), d], in expert order, summed per token with gathers only.
+
+    Token choice: one gather per choice rank through `choice_rows` (a dropped choice reads an appended zero row)
+    and k - 1 adds; expert choice: a scatter-add over the rows' tokens (a token may have any number of rows)."""
+    if dispatch.choice_rows is None:
+        return out.new_zeros(tokens, out.shape[1]).index_add(0, dispatch.token, out)
+    if not dispatch.packed:
+        out = torch.cat([out, out.new_zeros(1, out.shape[1])])
+    return functools.reduce(torch.add, [out.index_select(0, rows) for rows in dispatch.choice_rows.unbind(0)])
