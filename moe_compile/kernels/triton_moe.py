@@ -80,14 +80,15 @@ def _activation(v, ACTIVATION: tl.constexpr):
 @triton.jit
 def moe_gemm_kernel(
     a_ptr, a_rows_ptr, w_ptr, bias_ptr, out_ptr, out_rows_ptr, row_weight_ptr, block_expert_ptr,
-    num_rows, N, K,
+    num_rows, N, K: tl.constexpr,
     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om,
     ACTIVATION: tl.constexpr, APPLY_ACTIVATION: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[out_rows[r]] = epilogue(a[a_rows[r]] W[e]^T + b[e]) for the rows r of one BLOCK_M tile, e its expert.
 
+    IEEE: fp32 products in full fp32 (not TF32); UPCAST: fp16 / bf16 tiles multiplied in fp32 (the interpreter only).
     Rows with a_rows = -1 (padding) read zeros; rows with out_rows = -1 are not written. With GATED the tile
     also multiplies by rows N .. 2N of W[e] (the up projection) and computes act(gate) * up."""
     pid = tl.program_id(0)
@@ -117,23 +118,29 @@ def moe_gemm_kernel(
     if GATED:
         up_ptrs = w_ptrs + N * stride_wn
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        k_valid = offs_k < K - k0 * BLOCK_K
+    for k0 in range(0, K, BLOCK_K):
+        k_valid = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
         if GATED:
             u = tl.load(up_ptrs, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
-            if IEEE:
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+            if GATED:
+                u = u.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+            if GATED:
                 acc_up = tl.dot(a, u, acc_up, input_precision="ieee")
-            else:
+        else:
+            acc = tl.dot(a, w, acc)
+            if GATED:
                 acc_up = tl.dot(a, u, acc_up)
-            up_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
+        if GATED:
+            up_ptrs += BLOCK_K * stride_wk
 
     bias_base = bias_ptr + expert.to(tl.int64) * stride_be
     acc += tl.load(bias_base + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
@@ -191,13 +198,15 @@ def _gemm(a: torch.Tensor, a_rows: torch.Tensor, weight: torch.Tensor, bias: tor
           out_rows: torch.Tensor, layout: PaddedLayout, n: int, config: KernelConfig, *, activation: int,
           apply_activation: bool, gated: bool, weighted: bool) -> None:
     rows = layout.token.shape[0]
+    # the interpreter's tl.dot reads bf16 tiles as garbage (Triton 3.6 and numpy 2.4): there, multiply in fp32
+    upcast = a.dtype == torch.bfloat16 and triton.knobs.runtime.interpret
     grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(n, config.block_n),)
     moe_gemm_kernel[grid](
         a, a_rows, weight, bias, out, out_rows, layout.weight, layout.block_expert,
         rows, n, a.shape[1],
         a.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), bias.stride(0), out.stride(0),
         ACTIVATION=activation, APPLY_ACTIVATION=apply_activation, GATED=gated, WEIGHTED=weighted,
-        IEEE=a.dtype == torch.float32,
+        IEEE=a.dtype == torch.float32 or upcast, UPCAST=upcast,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
