@@ -16,7 +16,7 @@ Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (how CI checks it; set
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -61,6 +61,33 @@ def pick_config(num_choices: int, num_experts: int) -> KernelConfig:
     if rows <= 512:
         return CONFIGS[2]
     return CONFIGS[4]
+
+
+def fit_shared_memory(config: KernelConfig, element_size: int, gated: bool, limit: int) -> KernelConfig:
+    """`config` with fewer pipeline stages, then narrower tiles, until its operand buffers,
+    num_stages (BLOCK_M BLOCK_K + (2 if gated) BLOCK_K BLOCK_N) element_size bytes, fit in `limit` bytes."""
+    def size(c: KernelConfig) -> int:
+        return c.num_stages * (c.block_m * c.block_k + (2 if gated else 1) * c.block_k * c.block_n) * element_size
+
+    while size(config) > limit:
+        if config.num_stages > 2:
+            config = replace(config, num_stages=config.num_stages - 1)
+        elif config.block_n > 32:
+            config = replace(config, block_n=config.block_n // 2)
+        elif config.block_k > 16:
+            config = replace(config, block_k=config.block_k // 2)
+        else:
+            break
+    return config
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory a kernel may use on `device` (less a margin for Triton's own buffers)."""
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter has no limit
+    properties = torch.cuda.get_device_properties(device)
+    limit = getattr(properties, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return limit - 8 * 1024
 
 
 @triton.jit
@@ -220,7 +247,8 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, fc
     num_experts, fc1_rows, _ = fc1_weight.shape
     width = fc1_rows // 2 if gated else fc1_rows
     d_out = fc2_weight.shape[1]
-    config = config or pick_config(tokens * k, num_experts)
+    config = fit_shared_memory(config or pick_config(tokens * k, num_experts), x.element_size(), gated,
+                               shared_memory_limit(x.device))
     x = x.contiguous()
     fc1_weight, fc2_weight = fc1_weight.contiguous(), fc2_weight.contiguous()
     fc1_bias, fc2_bias = fc1_bias.contiguous(), fc2_bias.contiguous()

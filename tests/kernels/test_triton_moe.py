@@ -79,6 +79,14 @@ def test_align_to_blocks_pads_each_expert_to_whole_tiles():
     assert (layout.choice[8:] == -1).all() and (layout.weight[layout.choice < 0] == 0).all()
 
 
+def test_configs_are_fitted_to_shared_memory():
+    big = triton_moe.KernelConfig(128, 256, 64, num_warps=8, num_stages=3)
+    fitted = triton_moe.fit_shared_memory(big, 4, gated=True, limit=219 * 1024)  # fp32 SwiGLU on an H200
+    assert fitted.num_stages * (128 * fitted.block_k + 2 * fitted.block_k * fitted.block_n) * 4 <= 219 * 1024
+    assert fitted.block_m == 128 and fitted.num_stages == 2  # stages go first, the row tile never changes
+    assert triton_moe.fit_shared_memory(big, 2, gated=False, limit=227 * 1024) == big
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the op dispatches to the Triton kernel on CUDA tensors only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_op_runs_the_kernel_on_cuda(dtype):
