@@ -1,7 +1,7 @@
 """moe-compile: inspect, convert, export and check the MoE conversion of GPT-style models.
 
     moe-compile inspect (--example NAME | --hf DIR | --model DIR) [MoEConfig flags]
-    moe-compile convert (--example NAME | --hf DIR) --out DIR [MoEConfig flags]
+    moe-compile convert (--example NAME | --hf DIR) --out DIR [--format moe_compile|hf] [MoEConfig flags]
     moe-compile export MODEL_DIR --target {ort,portable,tensorrt} --out FILE.onnx [--dtype fp32|fp16|bf16]
                        [--batch B --seq S] [--engine FILE.engine --max-batch B --max-seq S]
     moe-compile check MODEL_DIR FILE.onnx|FILE.engine [--json] [--dtype fp32|fp16|bf16] [--batch B --seq S]
@@ -29,6 +29,7 @@ from .config import (
     MoEConfig,
 )
 from .example_models import EXAMPLE_MODELS, build_example
+from .hf_checkpoint import convert_hf_checkpoint
 from .passes import convert, find_ffn_blocks
 from .serialization import load, save
 from .stats import model_stats
@@ -85,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     conv = commands.add_parser("convert", help="convert a model and save it (weights + recipe)")
     _add_source(conv, saved=False)
     conv.add_argument("--out", required=True, metavar="DIR", help="directory to save the converted model to")
+    conv.add_argument("--format", choices=("moe_compile", "hf"), default="moe_compile",
+                      help="moe_compile: weights + recipe (moe_compile.load reads it; every routing); hf: a "
+                           "Mixtral / Qwen2-MoE checkpoint from a LLaMA / Mistral / Qwen2 --hf directory, converted "
+                           "one layer at a time (default moe_compile)")
     _add_config_flags(conv)
     conv.set_defaults(handler=_convert)
 
@@ -162,6 +167,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        if args.hf is None:
+            raise UsageError("--format hf converts a local LLaMA, Mistral or Qwen2 checkpoint: pass --hf DIR "
+                             "(the embedded examples have no Hugging Face MoE equivalent).")
+        print(convert_hf_checkpoint(args.hf, args.out, _config(args)))
+        return 0
     dense = _dense_model(args)
     model = convert(dense, _config(args), example_inputs=_token_ids(dense, *EXPORT_SHAPE))
     print(model.moe_report.table())

@@ -15,3 +15,7 @@ class RecipeError(MoECompileError):
 
 class LoweringError(MoECompileError):
     """An export target cannot express a layer."""
+
+
+class HFCheckpointError(MoECompileError):
+    """A model or checkpoint cannot be written as (or read as the source of) a Hugging Face MoE checkpoint."""

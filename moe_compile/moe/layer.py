@@ -83,7 +83,8 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         y, rows_per_token = run_experts(flat, dispatch, self.expert, weighted=self.combine == "weighted")
         if self.output_bias is not None:  # once per token some expert processed: a dropped token's output stays 0
-            y = y + (rows_per_token > 0).to(x.dtype).unsqueeze(1) * self.output_bias
+            reached = 1.0 if dispatch.reaches_every_token else (rows_per_token > 0).to(x.dtype).unsqueeze(1)
+            y = y + reached * self.output_bias
 
         if not torch.compiler.is_exporting():
             self.aux_losses = routed.aux_losses()

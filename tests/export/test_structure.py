@@ -128,3 +128,25 @@ def test_model_capacity_is_reported_as_dropping(tmp_path):
     (layer,) = report.layers
     assert layer.capacity == "C = min(ceil(1.0*T*2/4), T)" and layer.may_drop
     assert "drops as in eager" in layer.reason and "yes" in report.table()
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+@pytest.mark.parametrize("config", [{"routing": "token_choice", "top_k": 1}, {"routing": "token_choice"},
+                                    {"routing": "token_choice", "top_k": 1, "capacity_factor": 1.0},
+                                    {"routing": "switch"}, {"routing": "expert_choice", "top_k": 1}],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_skewed_routing_after_export_matches_eager(tmp_path, target, config):
+    """Exported on a balanced example, run where every token's first choice is expert 2: one full segment,
+    empty ones (and drops where the config has a capacity)."""
+    model = one_layer_moe(**config)
+    (_, layer), = iter_moe_layers(model)
+    with torch.no_grad():  # logit e = 4 x_e: decisive, without probabilities so small that they tie at 0
+        layer.router.weight.copy_(torch.eye(4, 16) * 4.0)
+    moe_compile.export(model, features((2, 8)), tmp_path / "m.onnx", target=target)
+    skewed = features((3, 20), seed=5)
+    skewed[..., 2] = skewed[..., 2].abs() + 3.0
+    report = moe_compile.check_parity(model, tmp_path / "m.onnx", skewed)
+    counts = routing_stats(model)["ffn"].tokens_per_expert.tolist()
+    if config["routing"] != "expert_choice":  # (expert choice is balanced by construction)
+        assert counts[2] == max(counts) and (0 in counts or config.get("top_k") != 1), counts
+    assert report.passed, report.table()

@@ -295,3 +295,16 @@ def test_deepcopy_after_a_training_forward():
     assert copied.aux_losses == {} and copied.routing_stats is None
     assert set(layer.aux_losses) == {"load_balancing", "z_loss"}  # the original keeps its own
     torch.testing.assert_close(copied.eval()(_inputs()), layer.eval()(_inputs()))
+
+
+@pytest.mark.parametrize("routing", ["token_choice", "switch", "expert_choice"])
+def test_compiles_without_graph_breaks(routing):
+    """The loop's segment bounds are data-dependent sizes: with capture_scalar_outputs, dynamo traces the whole
+    layer as one graph (fullgraph=True fails on any break); the eager backend keeps the test fast."""
+    config = MoEConfig(num_experts=4, routing=routing, **({"top_k": 2} if routing != "switch" else {}))
+    layer = random_layer(config).eval()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True, backend="eager", dynamic=True)
+        for shape in ((2, 12), (3, 12)):
+            x = torch.randn(*shape, D)
+            torch.testing.assert_close(compiled(x), layer(x))
