@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_compile.kernels import reference_moe_ffn
+from moe_compile.moe.activations import ACTIVATIONS
 from moe_compile.kernels.triton_moe import CONFIGS, fused_moe, pick_config
 from moe_compile.table import format_table
 
@@ -113,10 +114,10 @@ def grouped_mm_layer(x, expert_ids, gates, w, activation: str, gated: bool):
     rows = x[order // k]
     h = mm(rows, w["fc1_weight"].transpose(1, 2), offs=offs)  # Linear layout [E, out, in] = column-major [E, in, out]
     width = w["fc2_weight"].shape[2]
-    segment = torch.repeat_interleave(torch.arange(offs.shape[0], device=x.device), torch.diff(offs, prepend=offs.new_zeros(1)),
-                                      output_size=flat.shape[0])
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    segment = torch.repeat_interleave(torch.arange(offs.shape[0], device=x.device), counts, output_size=flat.shape[0])
     h = h + w["fc1_bias"][segment]
-    act = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu, "silu": F.silu}[activation]
+    act = ACTIVATIONS[activation]
     h = act(h[:, :width]) * h[:, width:] if gated else act(h)
     out = mm(h, w["fc2_weight"].transpose(1, 2), offs=offs) + w["fc2_bias"][segment]
     out = out * gates.reshape(-1)[order].unsqueeze(1)
@@ -170,7 +171,8 @@ def bench_shape(shape: Shape, tokens: int, dtype: torch.dtype, deadline: float, 
         ms = timings[best]
         results.append(Result(shape.name, tokens, "moe_ffn (best tiles)", ms, total / ms / 1e9,
                               ms / dense_ms if dense_ms else None,
-                              f"BM{best.block_m} BN{best.block_n} BK{best.block_k} w{best.num_warps} s{best.num_stages}"))
+                              f"BM{best.block_m} BN{best.block_n} BK{best.block_k} "
+                              f"w{best.num_warps} s{best.num_stages}"))
     return results
 
 
@@ -226,6 +228,8 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=240.0, help="seconds; later methods are skipped past it")
     parser.add_argument("--no-tune", action="store_true", help="time only pick_config's tiles")
     parser.add_argument("--ort-tokens", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--ort-shapes", nargs="*", default=["gpt2-small", "fine-grained"],
+                        help="shapes for the ort target (exporting LLaMA-size experts takes minutes of CPU)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_kernel.py needs a CUDA GPU.")
@@ -263,7 +267,7 @@ def main() -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            for shape in shapes:
+            for shape in (s for s in shapes if s.name in args.ort_shapes):
                 for tokens in args.ort_tokens:
                     if time.monotonic() > deadline:
                         break

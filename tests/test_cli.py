@@ -91,7 +91,7 @@ def test_python_dash_m_runs_the_cli():
     (["convert", "--example", "nanogpt"], r"the following arguments are required: --out"),
     (["convert", "--hf", "/no/such/dir", "--out", "x"], r"--hf /no/such/dir: no such directory"),
     (["inspect", "--model", "/no/such/dir"], r"load: /no/such/dir is not a directory"),
-    (["export", "/no/such/dir", "--target", "tensorrt", "--out", "m.onnx"], r"argument --target: invalid choice"),
+    (["export", "/no/such/dir", "--target", "openvino", "--out", "m.onnx"], r"argument --target: invalid choice"),
     (["check", "/no/such/dir", "/no/such.onnx"], r"/no/such.onnx: no such file"),
 ])
 def test_bad_input_prints_one_line_and_exits_2(capsys, argv, message):

@@ -49,13 +49,14 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
 
     The model is deep-copied and put in eval mode (and cast to `dtype`, float32 or float16); the caller's model
     is untouched. With dynamic=True the batch and sequence axes (dims 0 and 1 of every input) are dynamic.
-    fallback=False makes target="ort" (or "tensorrt") raise
-    LoweringError for a layer com.microsoft.MoE (moe_ffn) cannot express instead of lowering it portably. opset: the ONNX
-    opset (default: the exporter's).
+    fallback=False makes target="ort" or "tensorrt" raise LoweringError for a layer its node (com.microsoft.MoE,
+    moe_compile::moe_ffn) cannot express instead of lowering it portably. opset: the ONNX opset (default: the
+    exporter's).
     """
     if target not in TARGETS:
         raise LoweringError(f"export: unknown target {target!r}. Choose one of {', '.join(TARGETS)} "
-                            "('portable' runs on any ONNX runtime; 'ort' uses ONNX Runtime's com.microsoft.MoE).")
+                            "('portable' runs on any ONNX runtime; 'ort' uses ONNX Runtime's com.microsoft.MoE; "
+                            "'tensorrt' emits moe_compile::moe_ffn plugin nodes for TensorRT).")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export: model must be a torch.nn.Module, got {type(model).__name__}.")
     if dtype is not None and dtype not in (TRT_DTYPES if target == "tensorrt" else DTYPES):

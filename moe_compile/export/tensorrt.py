@@ -4,7 +4,8 @@
     engine + inputs ──execute_async_v3──► logits, compared with eager PyTorch by check_parity (FILE.engine)
 
 The plugin is a TensorRT quickly deployable plugin (`tensorrt.plugin`, TensorRT >= 10.8), id moe_compile::moe_ffn,
-version 1, registered by `register_plugin()` with:
+version 1, registered by `register_plugin()` with the node's attributes activation (str) and gated (int: an ONNX
+INT attribute, which the parser hands over as an integer field), and:
   register   output = the hidden input's shape and dtype (plugin_output_shape);
   autotune   io types FP32|FP16|BF16 for the float operands, INT32 for the expert ids (PLUGIN_IO_TYPES),
              one tactic per kernel tile shape of kernels.triton_moe.CONFIGS (tactic 0: pick_config's choice);
@@ -99,7 +100,7 @@ def register_plugin() -> None:
     @trtp.register(PLUGIN_ID)
     def _moe_ffn_desc(x: trtp.TensorDesc, expert_ids: trtp.TensorDesc, gates: trtp.TensorDesc,
                       fc1_weight: trtp.TensorDesc, fc1_bias: trtp.TensorDesc, fc2_weight: trtp.TensorDesc,
-                      fc2_bias: trtp.TensorDesc, activation: str, gated: bool) -> trtp.TensorDesc:
+                      fc2_bias: trtp.TensorDesc, activation: str, gated: int) -> trtp.TensorDesc:
         return x.like()
 
     @trtp.autotune(PLUGIN_ID)
@@ -111,7 +112,7 @@ def register_plugin() -> None:
     @trtp.impl(PLUGIN_ID)
     def _moe_ffn_impl(x: trtp.Tensor, expert_ids: trtp.Tensor, gates: trtp.Tensor, fc1_weight: trtp.Tensor,
                       fc1_bias: trtp.Tensor, fc2_weight: trtp.Tensor, fc2_bias: trtp.Tensor, activation: str,
-                      gated: bool, outputs: Tuple[trtp.Tensor], stream: int, tactic: int) -> None:
+                      gated: int, outputs: Tuple[trtp.Tensor], stream: int, tactic: int) -> None:
         from ..kernels.triton_moe import fused_moe
 
         operands = [_as_torch(t, trt) for t in (x, expert_ids, gates, fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
@@ -193,7 +194,8 @@ class TensorRTRunner:
         trt = import_tensorrt()
         register_plugin()  # a JIT plugin calls back into this process
         self._trt = trt
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(engine_path).read_bytes())
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
             raise RuntimeError(f"TensorRTRunner: {os.fspath(engine_path)} is not an engine this TensorRT can load.")
         self.context = self.engine.create_execution_context()

@@ -123,7 +123,8 @@ def operand_problem(x, expert_ids, gates, fc1_weight, fc1_bias, fc2_weight, fc2_
                 f"(zeros for a layer without bias); got {tuple(fc1_bias.shape)}, {tuple(fc2_bias.shape)}")
     floats = {t.dtype for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)}
     if len(floats) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"x, weights and biases must share one dtype among float32, float16, bfloat16; got {sorted(map(str, floats))}"
+        return ("x, weights and biases must share one dtype among float32, float16, bfloat16; "
+                f"got {sorted(map(str, floats))}")
     return None
 
 

@@ -213,7 +213,8 @@ def align_to_blocks(expert_ids: torch.Tensor, gates: torch.Tensor, num_experts: 
     rows = num_blocks * block_m
     choice = torch.full((rows,), -1, dtype=torch.int32, device=device).scatter(0, position, order.int())
     token = torch.where(choice >= 0, choice.div(k, rounding_mode="floor"), choice)
-    weight = torch.zeros(rows, dtype=torch.float32, device=device).scatter(0, position, gates.reshape(-1).float()[order])
+    weight = torch.zeros(rows, dtype=torch.float32, device=device)
+    weight = weight.scatter(0, position, gates.reshape(-1).float()[order])
     # tile b belongs to expert e iff padded_starts[e] <= b block_m < padded_starts[e] + padded[e]
     block_start = torch.arange(num_blocks, device=device) * block_m
     block_expert = torch.searchsorted(padded.cumsum(0), block_start, right=True)

@@ -84,7 +84,7 @@ def test_plugin_definitions_follow_tensorrts_rules(monkeypatch):
     # register: tensor descriptors first, then the attributes, annotated with their types
     assert list(register) == inputs + list(attributes)
     assert all(register[name].annotation is recorder.TensorDesc for name in inputs)
-    assert [register[name].annotation for name in attributes] == [str, bool]  # real types, not strings
+    assert [register[name].annotation for name in attributes] == [str, int]  # real types, not strings
     # impl: register's inputs, the attributes in register order, then outputs, stream, tactic
     assert list(impl) == inputs + list(attributes) + ["outputs", "stream", "tactic"]
     assert list(autotune) == inputs + ["outputs"]

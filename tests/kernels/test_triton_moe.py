@@ -74,7 +74,7 @@ def test_align_to_blocks_pads_each_expert_to_whole_tiles():
     layout = triton_moe.align_to_blocks(expert_ids, torch.ones(3, 2), 4, block_m=4)
     # expert 0 in tile 0 (2 rows + 2 padding), expert 2 in tile 1; the bound N + E (block_m - 1) = 18 gives 5 tiles
     assert layout.block_expert.tolist() == [0, 2, -1, -1, -1]
-    assert layout.choice[:8].tolist() == [1, 4, -1, -1, 0, 2, 3, 5]  # stable: choice c = t k + i, in order within an expert
+    assert layout.choice[:8].tolist() == [1, 4, -1, -1, 0, 2, 3, 5]  # choice c = t k + i, stable
     assert layout.token[:8].tolist() == [0, 2, -1, -1, 0, 1, 1, 2]
     assert (layout.choice[8:] == -1).all() and (layout.weight[layout.choice < 0] == 0).all()
 
