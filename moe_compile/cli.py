@@ -2,8 +2,9 @@
 
     moe-compile inspect (--example NAME | --hf DIR | --model DIR) [MoEConfig flags]
     moe-compile convert (--example NAME | --hf DIR) --out DIR [--format moe_compile|hf] [MoEConfig flags]
-    moe-compile export MODEL_DIR --target {ort,portable} --out FILE.onnx [--dtype fp32|fp16] [--batch B --seq S]
-    moe-compile check MODEL_DIR FILE.onnx [--json] [--dtype fp32|fp16] [--batch B --seq S]
+    moe-compile export MODEL_DIR --target {ort,portable,tensorrt} --out FILE.onnx [--dtype fp32|fp16|bf16]
+                       [--batch B --seq S] [--engine FILE.engine --max-batch B --max-seq S]
+    moe-compile check MODEL_DIR FILE.onnx|FILE.engine [--json] [--dtype fp32|fp16|bf16] [--batch B --seq S]
 
 Bad input prints one line `moe-compile: error: ...` to stderr and exits 2; a failed parity check exits 1.
 """
@@ -34,7 +35,7 @@ from .serialization import load, save
 from .stats import model_stats
 
 PROG = "moe-compile"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # bf16: target tensorrt
 EXPORT_SHAPE = (2, 16)  # [batch, seq] of the token ids for export and for convert's torch.export search
 CHECK_SHAPE = (3, 23)  # check runs another shape by default, so a graph fixed to the export shape fails
 
@@ -67,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return args.handler(args)
-    except (UsageError, ValueError, OSError) as error:  # ValueError covers MoEConfig and every MoECompileError
+    # ValueError covers MoEConfig and every MoECompileError; ImportError an optional runtime (TensorRT) missing
+    except (UsageError, ValueError, OSError, ImportError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
 
@@ -93,14 +95,18 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="lower a saved MoE model to ONNX")
     export.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by moe-compile convert")
-    export.add_argument("--target", required=True, choices=("ort", "portable"))
+    export.add_argument("--target", required=True, choices=("ort", "portable", "tensorrt"))
     export.add_argument("--out", required=True, metavar="FILE.onnx")
-    _add_run_flags(export, EXPORT_SHAPE, "precision of the ONNX graph (default: the model's)")
+    _add_run_flags(export, EXPORT_SHAPE, "precision of the ONNX graph (default: the model's; bf16 for tensorrt)")
+    engine = export.add_argument_group("TensorRT engine (target tensorrt; needs TensorRT and a GPU)")
+    engine.add_argument("--engine", metavar="FILE.engine", help="also build a TensorRT engine from the ONNX file")
+    engine.add_argument("--max-batch", type=int, default=8, help="largest batch the engine takes (8)")
+    engine.add_argument("--max-seq", type=int, default=1024, help="longest sequence the engine takes (1024)")
     export.set_defaults(handler=_export)
 
-    check = commands.add_parser("check", help="run an ONNX file and compare it with eager PyTorch")
+    check = commands.add_parser("check", help="run an ONNX file (or TensorRT engine) and compare it with eager PyTorch")
     check.add_argument("model_dir", metavar="MODEL_DIR", help="the directory the ONNX file was exported from")
-    check.add_argument("onnx_path", metavar="FILE.onnx")
+    check.add_argument("onnx_path", metavar="FILE.onnx|FILE.engine")
     check.add_argument("--json", action="store_true", help="print the parity report as JSON")
     _add_run_flags(check, CHECK_SHAPE, "precision the ONNX file was exported in (default: read from the file)")
     check.set_defaults(handler=_check)
@@ -180,11 +186,19 @@ def _convert(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export
 
+    if args.engine is not None and args.target != "tensorrt":
+        raise UsageError(f"--engine builds a TensorRT engine from a tensorrt-target ONNX file; use --target tensorrt "
+                         f"(got --target {args.target}).")
     model = load(args.model_dir)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = export(model, _token_ids(model, args.batch, args.seq), args.out, target=args.target,
                     dtype=DTYPES.get(args.dtype))
     print(report.table())
+    if args.engine is not None:
+        from .export.tensorrt import build_engine
+
+        build_engine(args.out, args.engine, opt_shape=(args.batch, args.seq), max_shape=(args.max_batch, args.max_seq))
+        print(f"\nTensorRT engine: {args.engine}")
     return 0
 
 

@@ -7,8 +7,13 @@ added twice, or not at all, shows in the logits. Fixtures are session-scoped: te
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU; triton reads this when it is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moe_compile.example_models import build_example
 

@@ -1,11 +1,13 @@
-"""ONNX lowering of converted models (targets `portable` and `ort`) and the parity check against eager PyTorch.
+"""ONNX lowering of converted models (targets `portable`, `ort`, `tensorrt`), TensorRT engines, and the parity check
+against eager PyTorch.
 
-onnxruntime is imported only when check_parity runs, so `import moe_compile` works without it.
+onnxruntime and tensorrt are imported only when used, so `import moe_compile` works without them.
 """
 
 from .exporter import TARGETS, export
 from .parity import TOLERANCES, OutputParity, ParityReport, check_parity
 from .report import ExportReport, LayerLowering
+from .tensorrt import TensorRTRunner, build_engine
 
-__all__ = ["ExportReport", "LayerLowering", "OutputParity", "ParityReport", "TARGETS", "TOLERANCES", "check_parity",
-           "export"]
+__all__ = ["ExportReport", "LayerLowering", "OutputParity", "ParityReport", "TARGETS", "TOLERANCES", "TensorRTRunner",
+           "build_engine", "check_parity", "export"]

@@ -10,6 +10,9 @@ Targets:
   ort       each MoE layer that com.microsoft.MoE expresses exactly becomes that one node (see ort_moe.py);
             every other layer keeps the portable lowering and the report says why (or, with
             fallback=False, export raises LoweringError).
+  tensorrt  each dropless token-choice MoE layer becomes router ops (MatMul, Softmax, TopK, Cast to INT32) feeding
+            one `moe_compile::moe_ffn` node, the TensorRT plugin of export/tensorrt.py (see trt_moe.py); the
+            rest is standard ONNX, other layers fall back to portable as for `ort`. Also exports bfloat16.
 """
 
 from __future__ import annotations
@@ -30,9 +33,14 @@ from ..moe import MoELayer, iter_moe_layers
 from ..passes.rewrite import replace_submodule
 from .ort_moe import OP_NAME, OrtMoE, may_drop, ort_unsupported_reason
 from .report import ExportReport, LayerLowering
+from .trt_moe import OP_NAME as TRT_OP_NAME, TensorRTMoE, tensorrt_unsupported_reason
 
-TARGETS = ("portable", "ort")
+TARGETS = ("portable", "ort", "tensorrt")
 DTYPES = (torch.float32, torch.float16)
+TRT_DTYPES = DTYPES + (torch.bfloat16,)  # TensorRT builds strongly typed engines in the ONNX file's dtype
+# target -> (the node a layer becomes, why a layer cannot, the module that emits the node)
+_NODE_LOWERINGS = {"ort": (OP_NAME, ort_unsupported_reason, OrtMoE),
+                   "tensorrt": (TRT_OP_NAME, tensorrt_unsupported_reason, TensorRTMoE)}
 
 
 def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLike], *, target: str = "portable",
@@ -41,17 +49,19 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
 
     The model is deep-copied and put in eval mode (and cast to `dtype`, float32 or float16); the caller's model
     is untouched. With dynamic=True the batch and sequence axes (dims 0 and 1 of every input) are dynamic.
-    fallback=False makes target="ort" raise
-    LoweringError for a layer com.microsoft.MoE cannot express instead of lowering it portably. opset: the ONNX
-    opset (default: the exporter's).
+    fallback=False makes target="ort" or "tensorrt" raise LoweringError for a layer its node (com.microsoft.MoE,
+    moe_compile::moe_ffn) cannot express instead of lowering it portably. opset: the ONNX opset (default: the
+    exporter's).
     """
     if target not in TARGETS:
         raise LoweringError(f"export: unknown target {target!r}. Choose one of {', '.join(TARGETS)} "
-                            "('portable' runs on any ONNX runtime; 'ort' uses ONNX Runtime's com.microsoft.MoE).")
+                            "('portable' runs on any ONNX runtime; 'ort' uses ONNX Runtime's com.microsoft.MoE; "
+                            "'tensorrt' emits moe_compile::moe_ffn plugin nodes for TensorRT).")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export: model must be a torch.nn.Module, got {type(model).__name__}.")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"export: dtype {dtype} is not supported. Use torch.float32 or torch.float16.")
+    if dtype is not None and dtype not in (TRT_DTYPES if target == "tensorrt" else DTYPES):
+        also = ", or torch.bfloat16 for target='tensorrt'" if target != "tensorrt" else ", torch.bfloat16"
+        raise ValueError(f"export: dtype {dtype} is not supported. Use torch.float32 or torch.float16{also}.")
     inputs = as_input_tuple(example_inputs, "export")
     if dynamic and any(size < 2 for t in inputs for size in t.shape[:2]):
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
@@ -90,11 +100,12 @@ def _lower(name: str, layer: MoELayer, target: str, fallback: bool) -> tuple[Opt
     """The module that replaces `layer` in the copy (None: keep it, portable) and its line of the report."""
     router = layer.router
     routing = router.routing
-    reason = ort_unsupported_reason(layer) if target == "ort" else None
-    if target == "ort" and reason is None:
-        return OrtMoE(layer), LayerLowering(name, routing, OP_NAME, "none (dropless kernel)", False)
+    node, unsupported_reason, node_module = _NODE_LOWERINGS.get(target, (None, None, None))
+    reason = unsupported_reason(layer) if unsupported_reason else None
+    if node is not None and reason is None:
+        return node_module(layer), LayerLowering(name, routing, node, "none (dropless kernel)", False)
     if reason is not None and not fallback:
-        raise LoweringError(f"export(target='ort'): layer {name!r} cannot be lowered to {OP_NAME}: {reason}. "
+        raise LoweringError(f"export(target={target!r}): layer {name!r} cannot be lowered to {node}: {reason}. "
                             "Use target='portable' (standard ONNX ops express it exactly), or fallback=True to "
                             "lower only this layer portably.")
     note = f"fallback: {reason}" if reason else ""

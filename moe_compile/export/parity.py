@@ -1,6 +1,7 @@
-"""check_parity: run an exported ONNX file in ONNX Runtime (CPU) and eager PyTorch on the same inputs, and compare.
+"""check_parity: run an exported ONNX file in ONNX Runtime (CPU), or a TensorRT engine (FILE.engine / FILE.plan,
+built by export.tensorrt.build_engine), and eager PyTorch on the same inputs, and compare.
 
-Per output, with a = ONNX Runtime, b = eager (the model as given, no_grad, eval mode), in float64:
+Per output, with a = ONNX Runtime or TensorRT, b = eager (the model as given, no_grad, eval mode), in float64:
     max_abs  = max |a - b|
     max_rel  = max |a - b| / max |b|           (relative to the output's scale, so near-zero entries do not blow up)
     cosine   = <a, b> / (|a| |b|)              (flattened)
@@ -20,13 +21,15 @@ import torch.nn as nn
 
 from ..model_io import Inputs, LogitsModel, as_input_tuple
 from ..table import format_table
+from .tensorrt import is_engine, run_engine
 
 # Max abs error of the logits, ONNX Runtime vs eager PyTorch (the fp32 model), per exported dtype; stated for
 # logits of magnitude ~1 (max_rel is the scale-free figure). Measured on the 2-layer test models (nanoGPT, GPT-2,
 # LLaMA; ort and portable): fp32 <= 1e-6, fp16 <= 1.6e-3 (the fp16 rounding of weights and activations). In fp16 a
 # routing decision that is a near tie can flip (seen once with expert choice: one token picked by another expert,
 # max abs 0.5); the check then fails, as it should: the deployed model routes that token differently.
-TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3}
+# bfloat16 (TensorRT engines only): fp16's tolerance times the ratio of their epsilons (8), not yet measured.
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
@@ -51,13 +54,14 @@ class ParityReport:
     onnx_path: str
     dtype: str
     outputs: list[OutputParity] = field(default_factory=list)
+    runtime: str = "ONNX Runtime (CPU)"
 
     @property
     def passed(self) -> bool:
         return all(o.passed for o in self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"onnx_path": self.onnx_path, "dtype": self.dtype, "passed": self.passed,
+        return {"onnx_path": self.onnx_path, "runtime": self.runtime, "dtype": self.dtype, "passed": self.passed,
                 "outputs": [dict(asdict(o), passed=o.passed) for o in self.outputs]}
 
     def table(self) -> str:
@@ -65,7 +69,7 @@ class ParityReport:
         rows += [(o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.cosine:.8f}",
                   "-" if o.top1 is None else f"{o.top1:.2%}", f"{o.tolerance:g}", "PASS" if o.passed else "FAIL")
                  for o in self.outputs]
-        return format_table(rows, f"parity: {self.onnx_path} in ONNX Runtime (CPU) vs eager PyTorch, "
+        return format_table(rows, f"parity: {self.onnx_path} in {self.runtime} vs eager PyTorch, "
                                   f"dtype={self.dtype}")
 
     def __str__(self) -> str:
@@ -74,27 +78,21 @@ class ParityReport:
 
 def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Inputs, *,
                  dtype: Optional[torch.dtype] = None, tolerance: Optional[float] = None) -> ParityReport:
-    """Compare `onnx_path` run in ONNX Runtime (CPU) with `model` in eager PyTorch on `inputs`.
+    """Compare `onnx_path` run in ONNX Runtime (CPU), or a TensorRT engine file, with `model` in eager PyTorch.
 
-    dtype (default: read from the ONNX file's output) picks the tolerance from TOLERANCES; `tolerance`
+    dtype (default: read from the file's output) picks the tolerance from TOLERANCES; `tolerance`
     overrides it. Check at a batch/sequence shape other than the export's to catch shapes baked into the graph.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as error:
-        raise ImportError("check_parity needs ONNX Runtime: pip install 'moe-compile[ort]'.") from error
     inputs = as_input_tuple(inputs, "check_parity")
     if not os.path.isfile(onnx_path):
         raise FileNotFoundError(f"check_parity: no ONNX file at {os.fspath(onnx_path)!r}. Write one with "
                                 "moe_compile.export(model, example_inputs, path).")
-    session = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
-    session_inputs = session.get_inputs()
-    if len(session_inputs) != len(inputs):
-        raise ValueError(f"check_parity: {onnx_path} takes {len(session_inputs)} inputs "
-                         f"({', '.join(i.name for i in session_inputs)}), got {len(inputs)}.")
-    outputs = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, inputs)})
-    if dtype is None:
-        dtype = _ORT_TYPES.get(session.get_outputs()[0].type, torch.float32)
+    if is_engine(onnx_path):
+        name, value = run_engine(onnx_path, inputs)
+        runtime, got, file_dtype = "TensorRT", value.float().cpu().numpy(), value.dtype
+    else:
+        runtime, (name, got, file_dtype) = "ONNX Runtime (CPU)", _run_onnxruntime(onnx_path, inputs)
+    dtype = dtype or file_dtype
     if tolerance is None:
         if dtype not in TOLERANCES:
             raise ValueError(f"check_parity: no tolerance stated for {dtype}; pass tolerance=...")
@@ -107,16 +105,31 @@ def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: I
     finally:
         model.train(was_training)
 
-    report = ParityReport(onnx_path=os.fspath(onnx_path), dtype=str(dtype).removeprefix("torch."))
-    name = session.get_outputs()[0].name  # export writes one output, the logits
-    report.outputs.append(compare(name, np.asarray(outputs[0]), reference.float().cpu().numpy(), tolerance))
+    report = ParityReport(onnx_path=os.fspath(onnx_path), dtype=str(dtype).removeprefix("torch."), runtime=runtime)
+    report.outputs.append(compare(name, got, reference.float().cpu().numpy(), tolerance))
     return report
+
+
+def _run_onnxruntime(onnx_path, inputs: tuple[torch.Tensor, ...]) -> tuple[str, np.ndarray, torch.dtype]:
+    """(name, value, dtype) of the ONNX file's first output (export writes one, the logits) in ONNX Runtime."""
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise ImportError("check_parity needs ONNX Runtime: pip install 'moe-compile[ort]'.") from error
+    session = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
+    session_inputs = session.get_inputs()
+    if len(session_inputs) != len(inputs):
+        raise ValueError(f"check_parity: {onnx_path} takes {len(session_inputs)} inputs "
+                         f"({', '.join(i.name for i in session_inputs)}), got {len(inputs)}.")
+    outputs = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, inputs)})
+    output = session.get_outputs()[0]
+    return output.name, np.asarray(outputs[0]), _ORT_TYPES.get(output.type, torch.float32)
 
 
 def compare(name: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> OutputParity:
     """The error measures of the module docstring for one output."""
     if got.shape != want.shape:
-        raise ValueError(f"check_parity: output {name!r} has shape {got.shape} in ONNX Runtime but {want.shape} "
+        raise ValueError(f"check_parity: output {name!r} has shape {got.shape} in the runtime but {want.shape} "
                          "in eager PyTorch; the export does not compute the same function.")
     a, b = got.astype(np.float64), want.astype(np.float64)
     max_abs = float(np.abs(a - b).max()) if a.size else 0.0
