@@ -6,7 +6,8 @@ with the slot table of the router's Dispatch, w = the slot's gate ("weighted") o
 experts), FFN_e the e-th expert (plain or gated, as the dense FFN was) and b_out the dense down-projection bias
 when split experts share it. Computation is capacity-padded: the slot table gathers tokens into an
 [E, C, d] buffer, two batched matmuls run every expert at once, and an index-add scatters the weighted results
-back. Tokens in no slot get zero.
+back. Tokens in no slot get zero. A shared expert (split experts with shared neurons), when present, is added
+for every token.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class RoutingStats:
 
 class MoELayer(nn.Module):
     def __init__(self, experts: ExpertWeights, router: Router, activation: str, combine: str = "weighted",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, shared: Optional[nn.Module] = None):
         super().__init__()
+        self.shared = shared  # always-on expert (split with shared neurons), or None
         for name in _EXPERT_PARAMS:
             value = getattr(experts, name)
             self.register_parameter(name, None if value is None else nn.Parameter(value))
@@ -94,6 +96,8 @@ class MoELayer(nn.Module):
         if self.output_bias is not None:  # once per token some expert processed: a dropped token's output stays 0
             reached = (_experts_per_token(slot_token, tokens) > 0).to(x.dtype).unsqueeze(1)
             y = y + reached * self.output_bias
+        if self.shared is not None:
+            y = y + self.shared(flat)
 
         if not torch.compiler.is_exporting():
             self.aux_losses = routed.aux_losses()
