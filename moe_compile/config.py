@@ -148,9 +148,6 @@ class MoEConfig:
         if shared and shared >= self.top_k:
             _fail("shared_experts", f"{shared} shared groups leave no routed expert among the top_k={self.top_k} "
                   "active per token", f"Use shared_experts <= {self.top_k - 1}, or raise top_k.")
-        if shared and self.routing == "switch":
-            _fail("shared_experts", "switch routing runs one expert per token, which leaves no room for shared ones",
-                  "Use routing='token_choice' with top_k > shared_experts.")
         if self.compensate and self.combine != "unweighted":
             _fail("compensate", "compensation adds the mean output of each skipped expert, which is exact only when "
                   "expert outputs are summed unweighted", "Use combine='unweighted' (the split default).")
@@ -174,8 +171,7 @@ class MoEConfig:
         if self.experts != "split" or not self.unset:
             return self
         defaults = {"split_strategy": "coactivation", "router_init": "calibrated",
-                    "shared_experts": min(round(self.num_experts * CALIBRATED_SHARED_FRACTION), self.top_k - 1)
-                    if self.routing != "switch" else 0,
+                    "shared_experts": min(round(self.num_experts * CALIBRATED_SHARED_FRACTION), self.top_k - 1),
                     "compensate": self.combine == "unweighted" and self.routing != "expert_choice",
                     "distill_steps": CALIBRATED_DISTILL_STEPS}
         return dataclasses.replace(self, **{name: defaults[name] for name in self.unset})

@@ -116,13 +116,19 @@ def partition_neurons(ffn: DenseFFN, num_experts: int, strategy: str, generator:
 def balanced_kmeans(features: torch.Tensor, k: int, generator: torch.Generator, iters: int = 12) -> torch.Tensor:
     """Spherical k-means with clusters of exactly n/k points each; returns a label per row.
 
-    Each step assigns points greedily, most confident (point, centroid) pairs first, into clusters that still
-    have room, then moves each centroid to the mean of its points.
+    Centroids start k-means++ style (each next one drawn with probability ~ its distance to the nearest chosen
+    one, seeded). Each step assigns points greedily, most confident (point, centroid) pairs first, into clusters
+    that still have room, then moves each centroid to the mean of its points.
     """
     x = torch.nn.functional.normalize(features, dim=1)
     n = x.shape[0]
     size = n // k
-    centroids = x[torch.randperm(n, generator=generator)[:k]].clone()
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    for _ in range(k - 1):
+        distance = (1 - (x @ x[chosen].T).max(1).values).clamp(min=0)
+        weights = distance if distance.sum() > 0 else torch.ones(n)
+        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
+    centroids = x[chosen].clone()
     labels = torch.zeros(n, dtype=torch.long)
     for _ in range(iters):
         scores = (x @ centroids.T).numpy()
