@@ -8,8 +8,8 @@ Calibration: 64 windows of 128 bytes from the training files (8,192 tokens); per
 bytes of the validation files (moe_compile.example_text). Every MoE runs top-k of E experts with
 token_choice routing, so each token runs k/E of the FFN neurons (shared ones included) at every row.
 
-Writes benchmarks/results/split_experts.json, docs/split_experts.md (tables) and docs/split_experts.png (plot;
-needs matplotlib, the `plot` extra).
+Writes benchmarks/results/split_experts_<variant>.json, then docs/split_experts.md (tables) and
+docs/split_experts.png (plot; needs matplotlib, the `plot` extra) from every variant's results present.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from moe_compile.table import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = ROOT / "examples" / "checkpoints"
-RESULTS = ROOT / "benchmarks" / "results" / "split_experts.json"
+RESULTS = ROOT / "benchmarks" / "results"  # split_experts_<variant>.json
 DOC, PLOT = ROOT / "docs" / "split_experts.md", ROOT / "docs" / "split_experts.png"
 VARIANTS = ("relu", "gelu", "swiglu")
 EVAL_WINDOWS = 128
@@ -154,20 +154,20 @@ def main() -> None:
     parser.add_argument("--only", choices=VARIANTS, action="append")
     parser.add_argument("--skip-ablation", action="store_true")
     parser.add_argument("--distill-steps", type=int, default=200, help="per layer, for the distillation rows")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs from the saved JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.report_only:
-        results = json.loads(RESULTS.read_text())["results"]
-    else:
-        results = [evaluate(v, not args.skip_ablation, args.distill_steps) for v in args.only or VARIANTS]
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"results": results}, indent=1) + "\n")
+    if not args.report_only:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for variant in args.only or VARIANTS:
+            result = evaluate(variant, not args.skip_ablation, args.distill_steps)
+            (RESULTS / f"split_experts_{variant}.json").write_text(json.dumps(result, indent=1) + "\n")
+    results = [json.loads(path.read_text()) for v in VARIANTS if (path := RESULTS / f"split_experts_{v}.json").is_file()]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(markdown(results))
     plot(results, PLOT)
-    print(f"wrote {RESULTS}, {DOC}, {PLOT}")
+    print(f"wrote {DOC}, {PLOT}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import torch
 from .activations import ACTIVATIONS
 from .ffn import DenseFFN
 
-ROUTER_FIT_STEPS = 300
-ROUTER_FIT_LR = 0.02
+ROUTER_FIT_STEPS = 100
+ROUTER_FIT_LR = 0.05
 
 
 @dataclass
