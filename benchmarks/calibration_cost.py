@@ -34,7 +34,8 @@ def main() -> None:
             model(batch, use_cache=False)
     forward = time.perf_counter() - start
     start = time.perf_counter()
-    moe = mc.convert(model, mc.MoEConfig(num_experts=8, top_k=2, experts="split"), calibration_data=batches,
+    moe = mc.convert(model, mc.MoEConfig(num_experts=8, top_k=2, experts="split", distill_steps=0),
+                     calibration_data=batches,
                      progress=True)
     convert_seconds = time.perf_counter() - start
     result = {"model": "GPT-2 small shape (12 x 768, d_ff 3072)", "tokens": 256 * 256,

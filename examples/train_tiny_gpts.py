@@ -6,9 +6,10 @@
 Each is the embedded nanoGPT (4 layers, d_model 128, 4 heads, FFN width 512, context 128 bytes) trained on the
 Python standard library's own source (moe_compile.example_text: fixed file list, split by file) with AdamW,
 linear warm-up then cosine decay, seeded: 500 steps of 16 windows of 128 bytes, one thread (the committed
-checkpoints were trained so, the three side by side on a shared 2-core machine, 5-10 minutes each). Variants: ReLU, GELU (erf) and SwiGLU (silu-gated) FFNs. The
-checkpoints go to examples/checkpoints/tiny_gpt_<variant>.safetensors with their GPTConfig and the validation
-perplexity in the metadata.
+checkpoints were trained so, the three side by side on a shared 2-core machine, 5-10 minutes each).
+Variants: ReLU, GELU (erf) and SwiGLU (silu-gated) FFNs. The checkpoints go to
+examples/checkpoints/tiny_gpt_<variant>.safetensors with their GPTConfig and the validation perplexity in the
+metadata.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def train(variant: str, steps: int, batch_size: int, lr: float, seed: int) -> Pa
     warmup = max(steps // 20, 1)
     start = time.perf_counter()
     for step, batch in enumerate(batches):
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        progress = (step - warmup) / (steps - warmup)
+        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr * (0.1 + 0.9 * scale)
         logits = model(batch[:, :-1])

@@ -22,7 +22,7 @@ SPLIT_STRATEGIES = ("kmeans", "random", "contiguous", "coactivation")
 ROUTER_INITS = ("random", "centroid", "calibrated")
 NEEDS_CALIBRATION = {"split_strategy": "coactivation", "router_init": "calibrated"}
 CALIBRATED_SHARED_FRACTION = 1 / 8
-CALIBRATED_DISTILL_STEPS = 0
+CALIBRATED_DISTILL_STEPS = 200
 COMBINES = ("weighted", "unweighted")
 
 _DATA_DEFAULTS = ("split_strategy", "router_init", "shared_experts", "compensate", "distill_steps")

@@ -80,8 +80,8 @@ def test_calibrated_defaults_fill_only_unset_fields():
     assert (data_free.split_strategy, data_free.router_init, data_free.shared_experts, data_free.compensate,
             data_free.distill_steps) == ("kmeans", "centroid", 0, False, 0)
     calibrated = data_free.with_calibration()
-    assert (calibrated.split_strategy, calibrated.router_init, calibrated.shared_experts, calibrated.compensate) == \
-        ("coactivation", "calibrated", 4, True)
+    assert (calibrated.split_strategy, calibrated.router_init, calibrated.shared_experts, calibrated.compensate,
+            calibrated.distill_steps) == ("coactivation", "calibrated", 4, True, 200)
     explicit = MoEConfig(num_experts=8, top_k=2, experts="split", split_strategy="kmeans", shared_experts=0)
     assert (explicit.with_calibration().split_strategy, explicit.with_calibration().shared_experts) == ("kmeans", 0)
     assert MoEConfig(num_experts=8, top_k=2, experts="split").with_calibration().shared_experts == 1

@@ -141,7 +141,7 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
     show = progress if progress is not None else len(todo) >= 8
     ffns = {site.report.name: _site_ffn(site) for site in todo}
     recorded = {} if batches is None or config.experts != "split" else \
-        record_ffn_inputs(target, ffns, batches, config.calibration_tokens, config.seed, progress=show or bool(progress))
+        record_ffn_inputs(target, ffns, batches, config.calibration_tokens, config.seed, progress=progress is not False)
     layers = []
     for i, site in enumerate(tqdm(todo, desc="building experts", unit="site", disable=not show)):
         ffn = ffns[site.report.name]

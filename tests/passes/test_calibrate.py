@@ -43,7 +43,8 @@ def _ppl(model, validation):
 @pytest.mark.parametrize("shared", [0, 2])
 def test_all_experts_active_reproduce_dense_with_calibration(gpts, batches, validation, variant, shared):
     dense = gpts[variant]
-    config = mc.MoEConfig(num_experts=16, top_k=16, experts="split", shared_experts=shared, **CALIBRATED)
+    config = mc.MoEConfig(num_experts=16, top_k=16, experts="split", shared_experts=shared, distill_steps=0,
+                          **CALIBRATED)
     moe = mc.convert(dense, config, calibration_data=batches, progress=False)
     x = validation[:-1].view(16, 64).long()
     assert torch.allclose(moe(x), dense(x), atol=2e-5, rtol=0)
@@ -52,7 +53,7 @@ def test_all_experts_active_reproduce_dense_with_calibration(gpts, batches, vali
 
 def test_calibration_defaults_beat_the_data_free_split(gpts, batches, validation):
     dense = gpts["relu"]
-    config = mc.MoEConfig(num_experts=16, top_k=8, experts="split")
+    config = mc.MoEConfig(num_experts=16, top_k=8, experts="split", distill_steps=0)
     data_free = mc.convert(dense, config, progress=False)
     calibrated = mc.convert(dense, config, calibration_data=batches, progress=False)
     resolved = calibrated.moe_report.config
@@ -90,7 +91,7 @@ def test_distillation_is_deterministic_and_does_not_hurt(gpts, batches):
 
 def test_batches_as_tensor_tuple_or_dict_give_the_same_model(gpts, batches):
     dense = gpts["relu"]
-    config = mc.MoEConfig(num_experts=8, top_k=2, experts="split")
+    config = mc.MoEConfig(num_experts=8, top_k=2, experts="split", distill_steps=0)
     models = [mc.convert(dense, config, calibration_data=data, progress=False)
               for data in (batches, [(b,) for b in batches], [{"idx": b} for b in batches])]
     for other in models[1:]:
@@ -126,7 +127,7 @@ def test_input_sample_is_bounded_uniform_and_seeded():
 
 def test_save_load_export_and_stats_with_shared_experts_and_compensation(gpts, batches, tmp_path):
     dense = gpts["swiglu"]
-    config = mc.MoEConfig(num_experts=8, top_k=2, experts="split", shared_experts=1, **CALIBRATED)
+    config = mc.MoEConfig(num_experts=8, top_k=2, experts="split", shared_experts=1, distill_steps=0, **CALIBRATED)
     moe = mc.convert(dense, config, calibration_data=batches, progress=False)
     x = batches[0][:2]
 
@@ -148,7 +149,7 @@ def test_save_load_export_and_stats_with_shared_experts_and_compensation(gpts, b
 def test_convert_leaves_the_model_and_its_mode_alone(gpts, batches):
     dense = copy.deepcopy(gpts["relu"]).train()
     before = {k: v.clone() for k, v in dense.state_dict().items()}
-    moe = mc.convert(dense, mc.MoEConfig(num_experts=8, top_k=4, experts="split"), calibration_data=batches,
-                     progress=False)
+    moe = mc.convert(dense, mc.MoEConfig(num_experts=8, top_k=4, experts="split", distill_steps=0),
+                     calibration_data=batches, progress=False)
     assert dense.training and moe.training
     assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
