@@ -171,7 +171,7 @@ class MoEConfig:
         if self.experts != "split" or not self.unset:
             return self
         defaults = {"split_strategy": "coactivation", "router_init": "calibrated",
-                    "shared_experts": min(round(self.num_experts * CALIBRATED_SHARED_FRACTION), self.top_k - 1),
+                    "shared_experts": min(round(self.num_experts * CALIBRATED_SHARED_FRACTION), (self.top_k - 1) // 2),
                     "compensate": self.combine == "unweighted" and self.routing != "expert_choice",
                     "distill_steps": CALIBRATED_DISTILL_STEPS}
         return dataclasses.replace(self, **{name: defaults[name] for name in self.unset})
