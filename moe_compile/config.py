@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 ROUTINGS = ("switch", "token_choice", "expert_choice")
 EXPERT_BUILDERS = ("upcycle", "split")
-SPLIT_STRATEGIES = ("kmeans", "random", "contiguous")
-ROUTER_INITS = ("random", "centroid")
+SPLIT_STRATEGIES = ("kmeans", "random", "contiguous", "coactivation")
+ROUTER_INITS = ("random", "centroid", "calibrated")
+NEEDS_CALIBRATION = {"split_strategy": "coactivation", "router_init": "calibrated"}
+CALIBRATED_SHARED_FRACTION = 1 / 8
+CALIBRATED_DISTILL_STEPS = 200
 COMBINES = ("weighted", "unweighted")
 
+_DATA_DEFAULTS = ("split_strategy", "router_init", "shared_experts", "compensate", "distill_steps")
 _DEFAULT_CAPACITY = {"switch": 1.25, "token_choice": None, "expert_choice": 1.0}
 
 
@@ -37,15 +41,21 @@ class MoEConfig:
     top_k 1 for switch and 2 otherwise; capacity_factor 1.25 (switch), None = dropless (token_choice),
     1.0 (expert_choice); normalize True for token_choice; router_init "centroid" for split experts and
     "random" for upcycled ones; combine "unweighted" for split experts (each expert is a slice of one sum,
-    so k = E gives back the dense FFN) and "weighted" for upcycled ones.
+    so k = E gives back the dense FFN) and "weighted" for upcycled ones. The data-dependent fields left unset
+    (split_strategy, router_init, shared_experts, compensate, distill_steps) take other defaults when convert
+    is given calibration data (`with_calibration`).
     """
 
     num_experts: int = 8
     top_k: Optional[int] = None
     routing: str = "token_choice"
     experts: str = "upcycle"
-    split_strategy: str = "kmeans"
+    split_strategy: Optional[str] = None
     router_init: Optional[str] = None
+    shared_experts: Optional[int] = None  # split: neuron groups (of E) always on, out of the k active per token
+    compensate: Optional[bool] = None  # split: a skipped expert adds its mean output on calibration data
+    distill_steps: Optional[int] = None  # optimiser steps per layer fitting experts to the dense FFN output
+    calibration_tokens: int = 8192  # token rows recorded per FFN site from the calibration data
     capacity_factor: Optional[float] = None
     normalize: Optional[bool] = None
     combine: Optional[str] = None
@@ -55,14 +65,18 @@ class MoEConfig:
     load_balance_coef: float = 1e-2
     z_loss_coef: float = 1e-3
     seed: int = 0
+    unset: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.unset = frozenset(name for name in _DATA_DEFAULTS if getattr(self, name) is None)
         if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 2:
             _fail("num_experts", f"got {self.num_experts!r}, an MoE needs an integer >= 2", "Use num_experts=8, say.")
         if self.routing not in ROUTINGS:
             _fail("routing", f"unknown routing {self.routing!r}", f"Choose one of {', '.join(ROUTINGS)}.")
         if self.experts not in EXPERT_BUILDERS:
             _fail("experts", f"unknown expert builder {self.experts!r}", f"Choose one of {', '.join(EXPERT_BUILDERS)}.")
+        if self.split_strategy is None:
+            self.split_strategy = "kmeans"
         if self.split_strategy not in SPLIT_STRATEGIES:
             _fail("split_strategy", f"unknown split strategy {self.split_strategy!r}",
                   f"Choose one of {', '.join(SPLIT_STRATEGIES)}.")
@@ -99,14 +113,17 @@ class MoEConfig:
         if self.router_init not in ROUTER_INITS:
             _fail("router_init", f"unknown router initialisation {self.router_init!r}",
                   f"Choose one of {', '.join(ROUTER_INITS)}.")
-        if self.router_init == "centroid" and self.experts != "split":
-            _fail("router_init", "centroid initialisation needs split experts (upcycled experts are identical, "
-                  "so their centroids are too)", "Use router_init='random' with experts='upcycle'.")
+        if self.router_init in ("centroid", "calibrated") and self.experts != "split":
+            _fail("router_init", f"{self.router_init} initialisation needs split experts (upcycled experts are "
+                  "identical, so their centroids and activation masses are too)",
+                  "Use router_init='random' with experts='upcycle'.")
 
         if self.combine is None:
             self.combine = "unweighted" if self.experts == "split" else "weighted"
         if self.combine not in COMBINES:
             _fail("combine", f"unknown combine {self.combine!r}", f"Choose one of {', '.join(COMBINES)}.")
+
+        self._check_split_options()
 
         group = self.expert_choice_group
         if not (group == "sequence" or (isinstance(group, int) and not isinstance(group, bool) and group > 0)):
@@ -114,6 +131,65 @@ class MoEConfig:
         for name in ("router_jitter", "upcycle_noise", "load_balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 _fail(name, f"got {getattr(self, name)!r}, it must be >= 0", f"Use {name}=0 to turn it off.")
+
+    def _check_split_options(self) -> None:
+        for name, default in (("shared_experts", 0), ("compensate", False), ("distill_steps", 0)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        split_only = {"shared_experts": self.shared_experts != 0, "compensate": self.compensate,
+                      "distill_steps": self.distill_steps != 0, "split_strategy": self.split_strategy == "coactivation"}
+        for name, used in split_only.items():
+            if used and self.experts != "split":
+                _fail(name, f"{name}={getattr(self, name)!r} applies to split experts, not {self.experts}",
+                      f"Use experts='split', or leave {name} unset.")
+        shared = self.shared_experts
+        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
+            _fail("shared_experts", f"got {shared!r}, it must be an integer >= 0", "Use 0 (no shared neurons) or 1.")
+        if shared and shared >= self.top_k:
+            _fail("shared_experts", f"{shared} shared groups leave no routed expert among the top_k={self.top_k} "
+                  "active per token", f"Use shared_experts <= {self.top_k - 1}, or raise top_k.")
+        if self.compensate and self.combine != "unweighted":
+            _fail("compensate", "compensation adds the mean output of each skipped expert, which is exact only when "
+                  "expert outputs are summed unweighted", "Use combine='unweighted' (the split default).")
+        if self.compensate and self.routing == "expert_choice":
+            _fail("compensate", "expert_choice may leave a token with no expert, where the compensation offsets no "
+                  "longer cancel", "Use routing='token_choice'.")
+        steps = self.distill_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            _fail("distill_steps", f"got {steps!r}, it must be an integer >= 0", "Use 0 (off) or e.g. 200.")
+        if not isinstance(self.calibration_tokens, int) or self.calibration_tokens < 64:
+            _fail("calibration_tokens", f"got {self.calibration_tokens!r}, it must be an integer >= 64",
+                  "Use 8192, say.")
+
+    @property
+    def routed_experts(self) -> int:
+        """Experts the router chooses among (split: E minus the neuron groups in the shared expert)."""
+        return self.num_experts - self.shared_experts
+
+    def with_calibration(self) -> "MoEConfig":
+        """This config with its unset data-dependent fields at their calibrated defaults (split experts only)."""
+        if self.experts != "split" or not self.unset:
+            return self
+        defaults = {"split_strategy": "coactivation", "router_init": "calibrated",
+                    "shared_experts": min(round(self.num_experts * CALIBRATED_SHARED_FRACTION), (self.top_k - 1) // 2),
+                    "compensate": self.combine == "unweighted" and self.routing != "expert_choice",
+                    "distill_steps": CALIBRATED_DISTILL_STEPS}
+        return dataclasses.replace(self, **{name: defaults[name] for name in self.unset})
+
+    def check_calibration(self, has_data: bool) -> None:
+        """Fail when a field needs calibration data that convert was not given."""
+        if has_data:
+            return
+        for name, value in NEEDS_CALIBRATION.items():
+            if getattr(self, name) == value:
+                _fail(name, f"{name}={value!r} is computed from activations", "Pass calibration_data=... to "
+                      "convert (batches of token ids), or use a data-free choice (split_strategy='kmeans', "
+                      "router_init='centroid').")
+        for name, used in (("shared_experts", self.shared_experts), ("compensate", self.compensate),
+                           ("distill_steps", self.distill_steps)):
+            if used:
+                _fail(name, f"{name}={getattr(self, name)!r} is computed from activations",
+                      f"Pass calibration_data=... to convert (batches of token ids), or leave {name} unset.")
 
     def check_ffn_width(self, d_ff: int, site: str) -> None:
         """Split experts need d_ff divisible by num_experts."""

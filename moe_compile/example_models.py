@@ -2,14 +2,21 @@
 
 `NanoGPT` follows Karpathy's nanoGPT (pre-LayerNorm blocks, causal self-attention, an `MLP` submodule with
 Linear -> GELU -> Linear -> Dropout, tied embeddings). `InlineNanoGPT` is the same network with the FFN written
-inline in the block's forward (no MLP submodule), the shape many research codebases use.
+inline in the block's forward (no MLP submodule), the shape many research codebases use. With `gated=True` the
+FFN is down(act(gate(x)) * up(x)) (SwiGLU with activation "silu"), of width `ffn_width` (default 4 * n_embd).
+
+`load_checkpoint` reads the small trained GPTs that examples/train_tiny_gpts.py writes (safetensors, with the
+GPTConfig in the file's metadata).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -39,11 +46,20 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     activation: str = "gelu"  # FFN activation: gelu (erf, nanoGPT's), gelu_tanh (GPT-2's), relu or silu
+    ffn_width: Optional[int] = None  # d_ff; None = 4 * n_embd
+    gated: bool = False  # down(act(gate(x)) * up(x)) instead of down(act(up(x)))
 
     def __post_init__(self) -> None:
         if self.activation not in _ACTIVATION_MODULES:
             raise ValueError(f"GPTConfig.activation: unknown {self.activation!r}. "
                              f"Choose one of {', '.join(_ACTIVATION_MODULES)}.")
+        if self.ffn_width is not None and (not isinstance(self.ffn_width, int) or self.ffn_width < 1):
+            raise ValueError(f"GPTConfig.ffn_width: got {self.ffn_width!r}. Use a positive integer, or None for "
+                             "4 * n_embd.")
+
+    @property
+    def d_ff(self) -> int:
+        return self.ffn_width if self.ffn_width is not None else 4 * self.n_embd
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,13 +86,15 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.c_gate = nn.Linear(config.n_embd, config.d_ff, bias=config.bias) if config.gated else None
         self.act = _ACTIVATION_MODULES[config.activation]()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        h = self.act(self.c_gate(x)) * self.c_fc(x) if self.c_gate is not None else self.act(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -100,14 +118,17 @@ class InlineBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.fc_in = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.fc_gate = nn.Linear(config.n_embd, config.d_ff, bias=config.bias) if config.gated else None
+        self.fc_out = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
         self.ffn_dropout = nn.Dropout(config.dropout)
         self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        h = _ACTIVATION_FUNCTIONS[self.activation](self.fc_in(self.ln_2(x)))
+        h = self.ln_2(x)
+        act = _ACTIVATION_FUNCTIONS[self.activation]
+        h = act(self.fc_gate(h)) * self.fc_in(h) if self.fc_gate is not None else act(self.fc_in(h))
         return x + self.ffn_dropout(self.fc_out(h))
 
 
@@ -164,4 +185,32 @@ def build_example(name: str = "nanogpt", seed: int = 0, **config_overrides) -> N
         torch.manual_seed(seed)
         model = EXAMPLE_MODELS[name](GPTConfig(**config_overrides))
     model.example_name = name
+    return model.eval()
+
+
+def save_checkpoint(model: NanoGPT, path: Union[str, Path], **metadata: str) -> Path:
+    """Write an embedded-example GPT's weights and its GPTConfig (plus string `metadata`) to one safetensors file."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path), metadata={"example_name": model.example_name,
+                                           "gpt_config": json.dumps(model.config.to_dict()), **metadata})
+    return path
+
+
+def load_checkpoint(path: Union[str, Path]) -> NanoGPT:
+    """The embedded-example GPT stored at `path` by save_checkpoint, in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_checkpoint: {path} does not exist. Train it with examples/train_tiny_gpts.py.")
+    with safe_open(str(path), framework="pt") as weights:
+        metadata = weights.metadata() or {}
+    if "gpt_config" not in metadata:
+        raise ValueError(f"load_checkpoint: {path} has no gpt_config metadata, so save_checkpoint did not write it.")
+    model = build_example(metadata.get("example_name", "nanogpt"), **json.loads(metadata["gpt_config"]))
+    load_model(model, str(path))
     return model.eval()

@@ -5,8 +5,8 @@
 
 `load` rebuilds the dense source model (a `transformers` class from its config, the embedded example from its
 name and GPTConfig, or the fresh dense instance a caller passes for their own class), re-applies `convert`
-with the recorded MoEConfig, checks that it finds the recorded sites, then loads the weights strictly. No
-pickle is read or written.
+with the recorded MoEConfig (only the layout: calibrated parts need no data, their weights are loaded), checks
+that it finds the recorded sites, then loads the weights strictly. No pickle is read or written.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def load(directory: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     dense.to(getattr(torch, recipe["dtype"]))
     try:
         converted = convert(dense, MoEConfig.from_dict(recipe["moe_config"]), inplace=True,
-                            example_inputs=_example_inputs(recipe))
+                            example_inputs=_example_inputs(recipe), weights_follow=True)
     except ValueError as error:  # no FFN at all, or an FFN width the recorded config cannot split
         raise RecipeError(f"load: cannot re-apply the recorded conversion to {type(dense).__name__}: "
                           f"{str(error).splitlines()[0]} {_SAME_ARCHITECTURE}") from None

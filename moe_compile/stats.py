@@ -1,13 +1,16 @@
 """Parameter and FLOP counts of a model's FFN sites, dense vs MoE (multiply-adds count 2 FLOPs).
 
 Per site, with d = d_model, f = d_ff, g = 3 projections for gated FFNs and 2 otherwise, E experts of width m
-(m = f for upcycled experts, f / E for split ones) and k_avg experts per token:
+(m = f for upcycled experts, f / E for split ones), s of them shared (always on, split only), E_r = E - s
+routed, and k_avg expert widths per token (shared included):
     dense params   g*d*f + biases
-    MoE params     E * (g*d*m + per-expert biases) + shared output bias + router d*E
+    MoE params     E * (g*d*m + input biases) + per-expert output biases + shared output bias + router d*E_r
     dense FLOPs    2*g*d*f per token
-    MoE FLOPs      2*d*E (router) + k_avg * 2*g*d*m per token (active experts only)
+    MoE FLOPs      2*d*E_r (router) + k_avg * 2*g*d*m per token (active experts only)
+    active FFN     k_avg * m / f, the share of the dense FFN's neurons each token runs
 k_avg is top_k for switch and token_choice (an upper bound when a capacity drops tokens) and
 min(capacity_factor * top_k, E) for expert_choice, where each expert takes C = capacity_factor * T * k / E tokens.
+Per-expert output biases: d per expert for upcycled experts, d per routed expert for compensated split ones.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class SiteStats:
     moe_params: int
     dense_flops: int
     moe_flops: float
+    active_fraction: float  # share of the dense FFN's neurons each token runs (shared neurons included)
 
 
 @dataclass
@@ -49,18 +53,25 @@ class ModelStats:
     def moe_flops(self) -> float:
         return sum(s.moe_flops for s in self.sites)
 
+    @property
+    def active_fraction(self) -> float:
+        """Active share of all FFN neurons, weighted by each site's dense FLOPs."""
+        return sum(s.active_fraction * s.dense_flops for s in self.sites) / max(self.dense_flops, 1)
+
     def to_dict(self) -> dict[str, Any]:
         return {"sites": [asdict(s) for s in self.sites], "dense_total_params": self.dense_total_params,
                 "moe_total_params": self.moe_total_params, "dense_ffn_flops_per_token": self.dense_flops,
-                "moe_ffn_flops_per_token": self.moe_flops}
+                "moe_ffn_flops_per_token": self.moe_flops, "active_ffn_fraction": self.active_fraction}
 
     def table(self) -> str:
-        rows = [("site", "d_model", "d_ff", "dense params", "MoE params", "dense FLOPs/tok", "MoE FLOPs/tok")]
+        rows = [("site", "d_model", "d_ff", "dense params", "MoE params", "dense FLOPs/tok", "MoE FLOPs/tok",
+                 "active FFN")]
         rows += [(s.name or "<root>", str(s.d_model), str(s.d_ff), f"{s.dense_params:,}", f"{s.moe_params:,}",
-                  f"{s.dense_flops:,}", f"{s.moe_flops:,.0f}") for s in self.sites]
+                  f"{s.dense_flops:,}", f"{s.moe_flops:,.0f}", f"{s.active_fraction:.1%}") for s in self.sites]
         rows.append(("FFN total", "", "", f"{sum(s.dense_params for s in self.sites):,}",
-                     f"{sum(s.moe_params for s in self.sites):,}", f"{self.dense_flops:,}", f"{self.moe_flops:,.0f}"))
-        rows.append(("model total", "", "", f"{self.dense_total_params:,}", f"{self.moe_total_params:,}", "", ""))
+                     f"{sum(s.moe_params for s in self.sites):,}", f"{self.dense_flops:,}", f"{self.moe_flops:,.0f}",
+                     f"{self.active_fraction:.1%}"))
+        rows.append(("model total", "", "", f"{self.dense_total_params:,}", f"{self.moe_total_params:,}", "", "", ""))
         return format_table(rows)
 
     def __str__(self) -> str:
@@ -73,10 +84,12 @@ def site_stats(site: SiteReport, config: MoEConfig) -> SiteStats:
     projections = 3 if site.gated else 2
     in_bias = (2 if site.gated else 1) if site.bias else 0  # bias vectors of width d_ff (up, and gate)
     out_bias = d if site.bias else 0
+    routed = experts - config.shared_experts
     if config.experts == "upcycle":
-        width, expert_out_bias, shared_out_bias = f, out_bias, 0
+        width, expert_out_bias, shared_out_bias = f, experts * out_bias, 0
     else:
-        width, expert_out_bias, shared_out_bias = f // experts, 0, out_bias
+        width, expert_out_bias = f // experts, routed * d if config.compensate else 0
+        shared_out_bias = d if site.bias or config.compensate else 0
     if config.routing == "expert_choice":
         k_avg = min(config.capacity_factor * config.top_k, experts)
     else:
@@ -85,10 +98,11 @@ def site_stats(site: SiteReport, config: MoEConfig) -> SiteStats:
     return SiteStats(
         name=site.name, d_model=d, d_ff=f, gated=site.gated,
         dense_params=projections * d * f + in_bias * f + out_bias,
-        moe_params=(experts * (projections * d * width + in_bias * width + expert_out_bias) + shared_out_bias
-                    + d * experts),
+        moe_params=(experts * (projections * d * width + in_bias * width) + expert_out_bias + shared_out_bias
+                    + d * routed),
         dense_flops=2 * projections * d * f,
-        moe_flops=2 * d * experts + k_avg * expert_flops,
+        moe_flops=2 * d * routed + k_avg * expert_flops,
+        active_fraction=k_avg * width / f,
     )
 
 

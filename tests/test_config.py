@@ -41,6 +41,16 @@ from moe_compile import MoEConfig, convert
     (dict(upcycle_noise=-1.0), "upcycle_noise", "Use upcycle_noise=0"),
     (dict(load_balance_coef=-1.0), "load_balance_coef", "Use load_balance_coef=0"),
     (dict(z_loss_coef=-1.0), "z_loss_coef", "Use z_loss_coef=0"),
+    (dict(router_init="calibrated"), "router_init", "Use router_init='random' with experts='upcycle'"),
+    (dict(shared_experts=1, top_k=2), "shared_experts", "Use experts='split'"),
+    (dict(split_strategy="coactivation"), "split_strategy", "Use experts='split'"),
+    (dict(experts="split", shared_experts=2, top_k=2), "shared_experts", "Use shared_experts <= 1"),
+    (dict(experts="split", shared_experts=-1), "shared_experts", "Use 0 (no shared neurons)"),
+    (dict(experts="split", routing="switch", shared_experts=1, top_k=1), "shared_experts", "Use shared_experts <= 0"),
+    (dict(experts="split", compensate=True, combine="weighted"), "compensate", "Use combine='unweighted'"),
+    (dict(experts="split", compensate=True, routing="expert_choice"), "compensate", "Use routing='token_choice'"),
+    (dict(experts="split", distill_steps=-5), "distill_steps", "Use 0 (off)"),
+    (dict(experts="split", calibration_tokens=10), "calibration_tokens", "Use 8192"),
 ])
 def test_invalid_config_names_field_and_fix(kwargs, field, fix):
     with pytest.raises(ValueError) as info:
@@ -63,6 +73,21 @@ def test_defaults_resolved(kwargs, expected):
     config = MoEConfig(**kwargs)
     for name, value in expected.items():
         assert getattr(config, name) == value, name
+
+
+def test_calibrated_defaults_fill_only_unset_fields():
+    data_free = MoEConfig(num_experts=32, top_k=8, experts="split")
+    assert (data_free.split_strategy, data_free.router_init, data_free.shared_experts, data_free.compensate,
+            data_free.distill_steps) == ("kmeans", "centroid", 0, False, 0)
+    calibrated = data_free.with_calibration()
+    assert (calibrated.split_strategy, calibrated.router_init, calibrated.shared_experts, calibrated.compensate,
+            calibrated.distill_steps) == ("coactivation", "calibrated", 3, True, 200)
+    explicit = MoEConfig(num_experts=8, top_k=2, experts="split", split_strategy="kmeans", shared_experts=0)
+    assert (explicit.with_calibration().split_strategy, explicit.with_calibration().shared_experts) == ("kmeans", 0)
+    assert MoEConfig(num_experts=8, top_k=2, experts="split").with_calibration().shared_experts == 0
+    assert MoEConfig(num_experts=8, top_k=4, experts="split").with_calibration().shared_experts == 1
+    assert MoEConfig(num_experts=4, experts="upcycle").with_calibration() == MoEConfig(num_experts=4)
+    assert MoEConfig.from_dict(calibrated.to_dict()) == calibrated
 
 
 def test_dict_round_trip_and_unknown_fields():

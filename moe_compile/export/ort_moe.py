@@ -9,12 +9,14 @@ What the op computes (ONNX Runtime >= 1.23 CPU kernel, checked against our eager
              = fc2_w[e] (silu(g) * u) + fc2_b[e], [g0, u0, g1, u1, ...] = fc1_w[e] x + fc1_b[e]
                                                             swiglu with swiglu_fusion=1 (interleaved rows)
 
-A shared output bias (split experts) is an Add after the node. `ort_unsupported_reason` says why a layer
+A shared output bias (split experts) is an Add after the node, and so is a shared expert's output (split
+experts with shared neurons), computed with standard ops beside it. `ort_unsupported_reason` says why a layer
 computes something the op cannot; such layers keep the portable lowering.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -82,6 +84,7 @@ class OrtMoE(nn.Module):
                             ("fc2_weight", layer.down_weight), ("fc2_bias", layer.down_bias),
                             ("output_bias", layer.output_bias)):
             self.register_buffer(name, None if value is None else value.detach().clone())
+        self.shared = copy.deepcopy(layer.shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_exporting():
@@ -98,4 +101,6 @@ class OrtMoE(nn.Module):
             attrs, dtype=x.dtype, shape=flat.shape, version=1)
         if self.output_bias is not None:
             y = y + self.output_bias
+        if self.shared is not None:
+            y = y + self.shared(flat)
         return y.view(x.shape)

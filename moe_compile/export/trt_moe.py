@@ -3,6 +3,7 @@
     logits = x W_r^T;  p = softmax(logits);  (g, e) = top-k of p   (g / sum g when the router normalises)
     ids = Cast<int32>(e)    (ONNX TopK gives INT64; TensorRT plugins take INT32)
     y = moe_ffn(x, ids, Cast(g), fc1_w, fc1_b, fc2_w, fc2_b; activation, gated)   (+ b_out, split experts)
+                                                                           (+ shared(x), standard ops, when present)
 
 The node is op_type `moe_ffn` in domain `moe_compile`, with the attributes `plugin_namespace = "moe_compile"` and
 `plugin_version = "1"` that TensorRT's ONNX parser reads to pick the plugin (export/tensorrt.py registers it), and
@@ -13,6 +14,7 @@ gates of ones. In eager PyTorch the module runs the torch custom op of the same 
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -57,6 +59,7 @@ class TensorRTMoE(nn.Module):
                 self.register_buffer(name, value.detach().clone())
         output_bias = layer.output_bias
         self.register_buffer("output_bias", None if output_bias is None else output_bias.detach().clone())
+        self.shared = copy.deepcopy(layer.shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -73,4 +76,6 @@ class TensorRTMoE(nn.Module):
             y = moe_ffn(*operands, self.activation, self.gated)
         if self.output_bias is not None:  # dropless: every token has its k rows, so b_out is added everywhere
             y = y + self.output_bias
+        if self.shared is not None:
+            y = y + self.shared(flat)
         return y.view(x.shape)

@@ -175,7 +175,7 @@ def target_config(source: dict[str, Any], architecture: str, moe: MoEShape, dtyp
 def shared_expert(layer: MoELayer):
     """The layer's always-on shared expert (`MoELayer.shared`: a gated, bias-free dense FFN with up_weight,
     gate_weight, down_weight in nn.Linear layout), or None."""
-    return getattr(layer, "shared", None)
+    return layer.shared
 
 
 def layer_tensors(layer: MoELayer, index: int, architecture: str, where: str) -> dict[str, torch.Tensor]:

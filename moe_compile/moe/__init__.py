@@ -1,24 +1,61 @@
 """The MoE layer, its routers and its expert builders. Knows nothing of how FFNs are found or lowered."""
 
+import dataclasses
+from typing import Optional
+
 import torch
 
 from ..config import MoEConfig
 from .activations import ACTIVATIONS, identify_activation
+from .calibration import SiteCalibration, compensation_means
 from .experts import ExpertWeights, build_experts, init_router_weight
 from .ffn import DenseFFN
 from .layer import MoELayer, RoutingStats, aux_loss, iter_moe_layers, routing_stats
 from .routers import build_router
+from .shared import SharedExpert
 
 
-def build_moe_layer(ffn: DenseFFN, config: MoEConfig, seed: int) -> MoELayer:
-    """The MoE layer that replaces `ffn`, on its device and in its dtype; deterministic for a given seed."""
+def build_moe_layer(ffn: DenseFFN, config: MoEConfig, seed: int,
+                    calibration: Optional[SiteCalibration] = None) -> MoELayer:
+    """The MoE layer that replaces `ffn`, on its device and in its dtype; deterministic for a given seed.
+
+    `calibration` feeds the data-dependent choices (shared neurons, coactivation groups, calibrated router,
+    compensation); without it they build only the layout that saved weights are loaded into.
+    """
     generator = torch.Generator().manual_seed(seed)
-    experts = build_experts(ffn, config, generator)
-    router = build_router(config, ffn.d_model).to(device=ffn.up_weight.device, dtype=ffn.up_weight.dtype)
+    experts = build_experts(ffn, config, generator, calibration)
+    routed = dataclasses.replace(config, num_experts=config.routed_experts,
+                                 top_k=config.top_k - config.shared_experts, shared_experts=0)
+    like = dict(device=ffn.up_weight.device, dtype=ffn.up_weight.dtype)
+    router = build_router(routed, ffn.d_model).to(**like)
     with torch.no_grad():
-        router.weight.copy_(init_router_weight(ffn, experts, config, generator))
-    return MoELayer(experts, router, ffn.activation, config.combine, ffn.dropout)
+        router.weight.copy_(init_router_weight(ffn, experts, routed, generator, calibration))
+    if config.compensate:
+        _fold_compensation(experts, ffn, router.weight, routed.top_k, calibration, like)
+    shared = None if experts.shared_neurons is None else _shared_expert(ffn, experts.shared_neurons)
+    return MoELayer(experts, router, ffn.activation, config.combine, ffn.dropout, shared=shared)
 
 
-__all__ = ["ACTIVATIONS", "DenseFFN", "ExpertWeights", "MoELayer", "RoutingStats", "aux_loss", "build_moe_layer",
-           "identify_activation", "iter_moe_layers", "routing_stats"]
+def _fold_compensation(experts: ExpertWeights, ffn: DenseFFN, router_weight: torch.Tensor, top_k: int,
+                       calibration: Optional[SiteCalibration], like: dict) -> None:
+    """b_e = -mu_e, b_out += sum_e mu_e (zeros without calibration: a layout for loading)."""
+    num_experts, d = experts.neuron_groups.shape[0], ffn.d_model
+    mu = torch.zeros(num_experts, d) if calibration is None else \
+        compensation_means(calibration, ffn, experts.neuron_groups.cpu(), router_weight, top_k)
+    experts.down_bias = (-mu).to(**like)
+    base = experts.output_bias.float().cpu() if experts.output_bias is not None else torch.zeros(d)
+    experts.output_bias = (base + mu.sum(0)).to(**like)
+
+
+def _shared_expert(ffn: DenseFFN, neurons: torch.Tensor) -> SharedExpert:
+    neurons = neurons.to(ffn.up_weight.device)
+
+    def rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.detach()[neurons].clone()
+
+    return SharedExpert(rows(ffn.up_weight), rows(ffn.up_bias), ffn.down_weight.detach()[:, neurons].clone(),
+                        ffn.activation, rows(ffn.gate_weight), rows(ffn.gate_bias))
+
+
+__all__ = ["ACTIVATIONS", "DenseFFN", "ExpertWeights", "MoELayer", "RoutingStats", "SharedExpert", "SiteCalibration",
+           "aux_loss", "build_moe_layer", "identify_activation", "iter_moe_layers", "routing_stats"]

@@ -7,7 +7,9 @@ w = the row's gate ("weighted") or 1 ("unweighted", split experts), FFN_e the e-
 the dense FFN was) and b_out the dense down-projection bias when split experts share it. Each expert runs one
 plain matmul per projection on its own contiguous rows: no padding, no empty slots, dropless unless the router
 has a capacity. The same forward is what `torch.export` captures for the portable ONNX lowering (the slice
-bounds become data-dependent Slice nodes), so what runs in eager is what is deployed.
+bounds become data-dependent Slice nodes; only the final sum per token is written with gathers there, see
+dispatch.run_experts). A shared expert (split experts with shared neurons), when present, is added for every
+token.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class RoutingStats:
 
 class MoELayer(nn.Module):
     def __init__(self, experts: ExpertWeights, router: Router, activation: str, combine: str = "weighted",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, shared: Optional[nn.Module] = None):
         super().__init__()
+        self.shared = shared  # always-on expert (split with shared neurons), or None
         for name in _EXPERT_PARAMS:
             value = getattr(experts, name)
             self.register_parameter(name, None if value is None else nn.Parameter(value))
@@ -85,6 +88,8 @@ class MoELayer(nn.Module):
         if self.output_bias is not None:  # once per token some expert processed: a dropped token's output stays 0
             reached = 1.0 if dispatch.reaches_every_token else (rows_per_token > 0).to(x.dtype).unsqueeze(1)
             y = y + reached * self.output_bias
+        if self.shared is not None:
+            y = y + self.shared(flat)
 
         if not torch.compiler.is_exporting():
             self.aux_losses = routed.aux_losses()

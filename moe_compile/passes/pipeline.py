@@ -5,8 +5,10 @@
                  torch.export graph for the candidates fx could not trace (locate.py)
     3. check     keep the matches that can be rewritten, with the reason for each one that cannot
     4. validate  check the config against every site before anything changes (e.g. d_ff % E for split)
-    5. build     make each site's MoE layer (experts + router), seeded per site
-    6. rewrite   replace each site, smallest modules first, and attach the report to the model
+    5. calibrate with calibration data: record a sample of each site's inputs on the dense model (calibrate.py)
+    6. build     make each site's MoE layer (experts + router), seeded per site, from its calibration if any
+    7. rewrite   replace each site, smallest modules first, and attach the report to the model
+    8. distill   with distill_steps > 0: fit each MoE layer to its dense FFN, first layer to last
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 import torch.fx as fx
 import torch.nn as nn
@@ -24,7 +26,8 @@ from tqdm.auto import tqdm
 from ..config import MoEConfig
 from ..errors import NoFFNFoundError
 from ..model_io import Inputs, as_input_tuple
-from ..moe import build_moe_layer
+from ..moe import SiteCalibration, build_moe_layer
+from .calibrate import distill, record_ffn_inputs
 from .capture import candidate_modules, trace
 from .locate import ModuleChain, locate_ffns
 from .patterns import FFNMatch, check_match, match_ffns
@@ -94,13 +97,18 @@ def find_ffn_blocks(model: nn.Module, example_inputs: Optional[Inputs] = None) -
 
 
 def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inputs: Optional[Inputs] = None,
-            inplace: bool = False, progress: Optional[bool] = None) -> nn.Module:
+            calibration_data: Optional[Iterable[Any]] = None, inplace: bool = False, progress: Optional[bool] = None,
+            weights_follow: bool = False) -> nn.Module:
     """A copy of `model` (or `model` itself with inplace=True) whose dense FFNs are MoE layers.
 
     example_inputs (e.g. token ids [batch, seq]) let the pass also find FFNs inside modules that torch.fx cannot
-    trace, with one torch.export of the whole model; only their shapes matter. The ConversionReport is attached
-    as `.moe_report`. Deterministic for a given config.seed. Raises NoFFNFoundError, naming what was searched
-    for, when there is nothing to convert.
+    trace, with one torch.export of the whole model; only their shapes matter. calibration_data: batches (token
+    id tensors, tuples of positional arguments or dicts of keyword arguments) the model is run on to build split
+    experts from activations; the config's unset data-dependent fields then take their calibrated defaults
+    (MoEConfig.with_calibration). weights_follow=True builds only the layout that saved weights are loaded into
+    next (moe_compile.load), with no calibration data. The ConversionReport is attached as `.moe_report`.
+    Deterministic for a given config.seed. Raises NoFFNFoundError, naming what was searched for, when there is
+    nothing to convert.
     """
     config = config if config is not None else MoEConfig()
     if not isinstance(config, MoEConfig):
@@ -109,6 +117,11 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}.")
     inputs = None if example_inputs is None else as_input_tuple(example_inputs, "convert(example_inputs=...)")
+    batches = None if calibration_data is None else list(calibration_data)
+    if batches is not None:
+        config = config.with_calibration()
+    elif not weights_follow:
+        config.check_calibration(has_data=False)
     target = model if inplace else copy.deepcopy(model)
     sites, notes = _scan(target, inputs)
     todo = [s for s in sites if s.report.action == "found"]
@@ -126,8 +139,17 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
                       "switch or token_choice for autoregressive generation.", UserWarning, stacklevel=2)
 
     show = progress if progress is not None else len(todo) >= 8
-    layers = [build_moe_layer(_site_ffn(site), config, seed=config.seed + i).train(site.module.training)
-              for i, site in enumerate(tqdm(todo, desc="building experts", unit="site", disable=not show))]
+    ffns = {site.report.name: _site_ffn(site) for site in todo}
+    recorded = {} if batches is None or config.experts != "split" else \
+        record_ffn_inputs(target, ffns, batches, config.calibration_tokens, config.seed, progress=progress is not False)
+    layers = []
+    for i, site in enumerate(tqdm(todo, desc="building experts", unit="site", disable=not show)):
+        ffn = ffns[site.report.name]
+        calibration = SiteCalibration.from_inputs(ffn, recorded.pop(site.report.name)) if recorded else None
+        layers.append(build_moe_layer(ffn, config, seed=config.seed + i, calibration=calibration)
+                      .train(site.module.training))
+        if calibration is not None:
+            site.report.calibration = calibration.results
 
     by_module: dict[str, list[tuple[_Site, nn.Module]]] = {}
     for site, layer in zip(todo, layers):
@@ -149,6 +171,12 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
                 site.report.reason = f"rewrote {module_name or '<root>'}'s fx graph to call an MoELayer"
         for site, _ in pairs:
             site.report.action = "converted"
+
+    if batches is not None and config.distill_steps:
+        fitted = distill(target, [(s.report.name, layer, ffns[s.report.name]) for s, layer in zip(todo, layers)],
+                         batches, config.distill_steps, config.calibration_tokens, config.seed, progress=show)
+        for site in todo:
+            site.report.calibration.update({f"distill_{k}": v for k, v in fitted[site.report.name].items()})
 
     target.moe_report = ConversionReport(sites=[s.report for s in sites], notes=notes, config=config,
                                          example_inputs=None if inputs is None else

@@ -20,6 +20,7 @@ class SiteReport:
     gated: bool
     action: str  # "found" | "converted" | "skipped"
     reason: str = ""  # what was done, or why it was skipped
+    calibration: dict[str, float] = field(default_factory=dict)  # fit figures (router recall, distillation ...)
 
 
 @dataclass

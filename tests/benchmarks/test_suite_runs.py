@@ -14,7 +14,7 @@ RUNNER = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
 
 
 def test_tiny_suite_writes_results(tmp_path):
-    pytest.importorskip("matplotlib", reason="the benchmark suite's plot needs the `bench` extra (matplotlib)")
+    pytest.importorskip("matplotlib", reason="the benchmark suite's plot needs the `plot` extra (matplotlib)")
     subprocess.run([sys.executable, str(RUNNER), "--tiny", "--out", str(tmp_path)], check=True, capture_output=True)
     layer, model = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("layer", "model"))
     variants = {(row["variant"], row["runtime"]) for row in layer["runs"][0]["rows"]}

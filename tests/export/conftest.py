@@ -107,3 +107,17 @@ def one_layer_moe(activation: str = "gelu_tanh", gated: bool = False, bias: bool
 
 def features(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def with_shared_expert(model: nn.Module) -> nn.Module:
+    """`model` whose one MoE layer also has an always-on shared expert of width 8 (split experts with shared
+    neurons), random but fixed."""
+    from moe_compile.moe.shared import SharedExpert
+
+    (_, layer), = iter_moe_layers(model)
+    g = torch.Generator().manual_seed(11)
+    d = layer.d_model
+    layer.shared = SharedExpert(torch.randn(8, d, generator=g) * 0.3, None, torch.randn(d, 8, generator=g) * 0.3,
+                                layer.activation,
+                                gate_weight=torch.randn(8, d, generator=g) * 0.3 if layer.gated else None)
+    return model

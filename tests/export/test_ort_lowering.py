@@ -11,7 +11,7 @@ from moe_compile.export import TOLERANCES
 from moe_compile.export.ort_moe import OrtMoE, ort_unsupported_reason
 from moe_compile.moe import iter_moe_layers
 
-from .conftest import features, one_layer_moe
+from .conftest import features, one_layer_moe, with_shared_expert
 
 # (FFN, MoEConfig fields): every activation_type we emit, biases on and off, normalize on and off, unweighted k=1
 SUPPORTED = [
@@ -58,3 +58,11 @@ def test_ort_node_refuses_to_run_eagerly():
     (_, layer), = iter_moe_layers(one_layer_moe())
     with pytest.raises(RuntimeError, match="only exists in the copy"):
         OrtMoE(layer)(features((1, 4)))
+
+
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_shared_expert_is_exported(tmp_path, target):
+    model = with_shared_expert(one_layer_moe(activation="silu", gated=True, experts="split", combine="weighted"))
+    report = moe_compile.export(model, features((2, 8)), tmp_path / "m.onnx", target=target, fallback=False)
+    assert report.layers[0].lowering == ("com.microsoft.MoE" if target == "ort" else "portable")
+    assert moe_compile.check_parity(model, tmp_path / "m.onnx", features((3, 13), seed=1)).passed

@@ -15,7 +15,7 @@ from moe_compile.errors import LoweringError
 from moe_compile.export.trt_moe import TensorRTMoE, tensorrt_unsupported_reason
 from moe_compile.moe import iter_moe_layers
 
-from .conftest import CHECK_SHAPES, features, one_layer_moe, token_ids
+from .conftest import CHECK_SHAPES, features, one_layer_moe, token_ids, with_shared_expert
 
 MODELS = {"nanogpt": "gelu", "hf-llama": "silu"}  # plain erf GELU; gated SwiGLU without biases
 
@@ -184,3 +184,14 @@ def test_bfloat16_export_for_tensorrt(tmp_path):
     assert fc1_weight.data_type == TensorProto.BFLOAT16
     with pytest.raises(ValueError, match="bfloat16 for target='tensorrt'"):
         moe_compile.export(model, features((2, 8)), tmp_path / "p.onnx", target="portable", dtype=torch.bfloat16)
+
+
+def test_shared_expert_runs_beside_the_plugin(tmp_path):
+    model = with_shared_expert(one_layer_moe(activation="silu", gated=True, experts="split", combine="weighted"))
+    (_, layer), = iter_moe_layers(model)
+    x = features((3, 7), seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(TensorRTMoE(layer)(x), layer(x), rtol=0, atol=1e-5)
+    moe_compile.export(model, features((2, 8)), tmp_path / "m.onnx", target="tensorrt", fallback=False)
+    with_reference_nodes(tmp_path / "m.onnx", tmp_path / "ref.onnx")
+    assert moe_compile.check_parity(model, tmp_path / "ref.onnx", features((3, 13), seed=1)).passed

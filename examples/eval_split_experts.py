@@ -1,0 +1,179 @@
+"""Split experts on real trained GPTs: validation perplexity, dense vs MoE, per method and active FFN fraction.
+
+    python examples/eval_split_experts.py                      # every checkpoint, curve + ablation (~30 min)
+    python examples/eval_split_experts.py --only relu --skip-ablation
+
+Checkpoints: examples/checkpoints/tiny_gpt_{relu,gelu,swiglu}.safetensors (examples/train_tiny_gpts.py).
+Calibration: 64 windows of 128 bytes from the training files (8,192 tokens); perplexity on 128 windows of 128
+bytes of the validation files (moe_compile.example_text). Every MoE runs top-k of E experts with
+token_choice routing, so each token runs k/E of the FFN neurons (shared ones included) at every row.
+
+Writes benchmarks/results/split_experts_<variant>.json, then docs/split_experts.md (tables) and
+docs/split_experts.png (plot; needs matplotlib, the `plot` extra) from every variant's results present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import moe_compile as mc
+from moe_compile.example_models import load_checkpoint
+from moe_compile.example_text import calibration_batches, perplexity, stdlib_bytes
+from moe_compile.table import format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS = ROOT / "examples" / "checkpoints"
+RESULTS = ROOT / "benchmarks" / "results"  # split_experts_<variant>.json
+DOC, PLOT = ROOT / "docs" / "split_experts.md", ROOT / "docs" / "split_experts.png"
+VARIANTS = ("relu", "gelu", "swiglu")
+EVAL_WINDOWS = 128
+
+DATA_FREE = dict(split_strategy="kmeans", router_init="centroid", shared_experts=0, compensate=False, distill_steps=0)
+# the ablation: each step adds one part to the previous one (at equal active fraction k / E)
+ABLATION = (
+    ("data-free split (k-means, centroid router)", DATA_FREE, False),
+    ("+ calibrated router", dict(DATA_FREE, router_init="calibrated"), True),
+    ("+ co-activation clusters", dict(DATA_FREE, router_init="calibrated", split_strategy="coactivation"), True),
+    ("+ shared neurons", dict(split_strategy="coactivation", router_init="calibrated", compensate=False,
+                              distill_steps=0), True),
+    ("+ compensation", dict(distill_steps=0), True),
+    ("+ distillation", dict(), True),
+)
+CURVE_EXPERTS = 32
+CURVE_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
+CURVE_METHODS = (("data-free (k-means, centroid)", DATA_FREE, False),
+                 ("calibrated, training-free", dict(distill_steps=0), True),
+                 ("calibrated + distillation", dict(), True))
+
+
+def moe_perplexity(dense, validation, batches, experts: int, fraction: float, fields: dict, calibrated: bool,
+                   distill_steps: int) -> dict:
+    top_k = round(experts * fraction)
+    fields = dict(fields)
+    if "distill_steps" not in fields:
+        fields["distill_steps"] = distill_steps
+    config = mc.MoEConfig(num_experts=experts, top_k=top_k, experts="split", **fields)
+    start = time.perf_counter()
+    moe = mc.convert(dense, config, calibration_data=batches if calibrated else None, progress=False)
+    seconds = time.perf_counter() - start
+    sites = moe.moe_report.converted
+    recalls = [s.calibration["router_recall_held_out"] for s in sites if "router_recall_held_out" in s.calibration]
+    resolved = moe.moe_report.config
+    return {"experts": experts, "top_k": top_k, "active": mc.model_stats(moe).active_fraction,
+            "shared_experts": resolved.shared_experts, "config": resolved.to_dict(),
+            "perplexity": perplexity(moe, validation, max_windows=EVAL_WINDOWS), "convert_seconds": seconds,
+            "router_recall_held_out": sum(recalls) / len(recalls) if recalls else None}
+
+
+def evaluate(variant: str, ablation: bool, distill_steps: int) -> dict:
+    """Every row of one checkpoint; the result file is rewritten after each row, so a stopped run keeps its rows."""
+    dense = load_checkpoint(CHECKPOINTS / f"tiny_gpt_{variant}.safetensors")
+    validation, batches = stdlib_bytes("validation"), calibration_batches()
+    result = {"variant": variant, "dense": perplexity(dense, validation, max_windows=EVAL_WINDOWS),
+              "curve": [], "ablation": []}
+    path = RESULTS / f"split_experts_{variant}.json"
+    print(f"{variant}: dense perplexity {result['dense']:.3f}", flush=True)
+    for method, fields, calibrated in CURVE_METHODS:
+        for fraction in CURVE_FRACTIONS:
+            row = moe_perplexity(dense, validation, batches, CURVE_EXPERTS, fraction, fields, calibrated,
+                                 distill_steps)
+            result["curve"].append({"method": method, **row})
+            path.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"  {method:32s} {row['active']:6.1%}  ppl {row['perplexity']:8.3f}  {row['convert_seconds']:5.1f} s",
+                  flush=True)
+    if ablation:
+        for experts in (8, 32, 64):
+            for fraction in (0.25, 0.5):
+                for step, fields, calibrated in ABLATION:
+                    row = moe_perplexity(dense, validation, batches, experts, fraction, fields, calibrated,
+                                         distill_steps)
+                    result["ablation"].append({"step": step, **row})
+                    path.write_text(json.dumps(result, indent=1) + "\n")
+                    print(f"  E={experts:3d} {fraction:4.0%} {step:44s} ppl {row['perplexity']:8.3f}", flush=True)
+    return result
+
+
+def _cell(rows: list[dict], dense: float) -> str:
+    return f"{rows[0]['perplexity']:.3f} ({rows[0]['perplexity'] / dense - 1:+.1%})" if rows else "-"
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["# Split experts on trained GPTs", "",
+             "Generated by `examples/eval_split_experts.py` (validation perplexity of byte-level GPTs trained by "
+             "`examples/train_tiny_gpts.py`; k of E experts per token, active FFN = k/E including shared neurons; "
+             "in parentheses: change against the dense model). '-' marks a row the run did not reach.", ""]
+    for result in results:
+        dense = result["dense"]
+        lines += [f"## {result['variant']} (dense perplexity {dense:.3f})", "", f"Curve, E = {CURVE_EXPERTS}:", ""]
+        rows = [("method", *(f"{f:.1%} active" for f in CURVE_FRACTIONS))]
+        for method, _, _ in CURVE_METHODS:
+            rows.append((method, *(_cell([r for r in result["curve"] if r["method"] == method
+                                          and abs(r["active"] - f) < 1e-6], dense) for f in CURVE_FRACTIONS)))
+        lines += ["```", format_table(rows), "```", ""]
+        if result["ablation"]:
+            combos = [(e, f) for e in (8, 32, 64) for f in (0.25, 0.5)]
+            pick = lambda step, e, f: [r for r in result["ablation"] if r["step"] == step and  # noqa: E731
+                                       r["experts"] == e and abs(r["active"] - f) < 1e-6]
+            rows = [("step", *(f"E={e} {f:.0%}" for e, f in combos))]
+            rows += [(step, *(_cell(pick(step, e, f), dense) for e, f in combos)) for step, _, _ in ABLATION]
+            lines += ["Ablation (each row adds one part to the row above):", "", "```", format_table(rows), "```", ""]
+            recall = [(e, f, r[0]["router_recall_held_out"]) for e, f in combos
+                      if (r := pick("+ compensation", e, f)) and r[0].get("router_recall_held_out") is not None]
+            if recall:
+                lines += ["Held-out router recall (calibrated, with shared neurons): "
+                          + ", ".join(f"E={e} {f:.0%}: {value:.2f}" for e, f, value in recall), ""]
+            timed = [r for r in result["ablation"] if r["step"] == "+ distillation" and r.get("convert_seconds")]
+            if timed:
+                lines += ["Conversion time with distillation (calibration + build + distillation, 1 thread on a "
+                          "shared, loaded 2-core machine): " + ", ".join(
+                              f"E={r['experts']} {r['active']:.0%}: {r['convert_seconds']:.0f} s" for r in timed), ""]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        for method, _, _ in CURVE_METHODS:
+            rows = [r for r in result["curve"] if r["method"] == method]
+            ax.plot([r["active"] * 100 for r in rows], [r["perplexity"] for r in rows], marker="o", label=method)
+        ax.axhline(result["dense"], color="black", linestyle="--", label="dense")
+        ax.set(title=f"{result['variant']} GPT, E = {CURVE_EXPERTS}", xlabel="active FFN neurons (%)",
+               ylabel="validation perplexity", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=VARIANTS, action="append")
+    parser.add_argument("--skip-ablation", action="store_true")
+    parser.add_argument("--distill-steps", type=int, default=200, help="per layer, for the distillation rows")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the docs from the saved JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.report_only:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for variant in args.only or VARIANTS:
+            evaluate(variant, not args.skip_ablation, args.distill_steps)
+    paths = [RESULTS / f"split_experts_{v}.json" for v in VARIANTS]
+    results = [json.loads(path.read_text()) for path in paths if path.is_file()]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(markdown(results))
+    plot(results, PLOT)
+    print(f"wrote {DOC}, {PLOT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Text every machine has: the Python standard library's own source, as bytes, for the small trained GPTs.
+
+A fixed list of modules, split by file: TRAIN_FILES train the models, VALIDATION_FILES measure them (and are
+where calibration batches are drawn from). Bytes are the tokens (vocabulary 256). The modules' text changes a
+little between Python versions, so figures are comparable only on one Python (they were measured on 3.11).
+
+    perplexity = exp(mean over predicted bytes of -log p(next byte))
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .model_io import logits_of
+
+TRAIN_FILES = (
+    "argparse.py", "ast.py", "bisect.py", "calendar.py", "configparser.py", "contextlib.py", "copy.py", "csv.py",
+    "dataclasses.py", "difflib.py", "enum.py", "fnmatch.py", "fractions.py", "functools.py", "gettext.py",
+    "glob.py", "gzip.py", "heapq.py", "inspect.py", "ipaddress.py", "locale.py", "logging/__init__.py",
+    "mimetypes.py", "numbers.py", "operator.py", "optparse.py", "pickle.py", "pprint.py", "queue.py",
+    "random.py", "sched.py", "shlex.py", "shutil.py", "socket.py", "statistics.py", "string.py",
+    "subprocess.py", "tarfile.py", "tempfile.py", "threading.py", "tokenize.py", "traceback.py", "typing.py",
+    "uuid.py", "warnings.py", "weakref.py",
+)
+VALIDATION_FILES = ("textwrap.py", "ftplib.py", "smtplib.py", "imaplib.py", "codecs.py", "cmd.py")
+
+
+def stdlib_bytes(split: str) -> torch.Tensor:
+    """The concatenated files of one split ("train" or "validation") as a uint8 tensor."""
+    files = {"train": TRAIN_FILES, "validation": VALIDATION_FILES}.get(split)
+    if files is None:
+        raise ValueError(f"stdlib_bytes: unknown split {split!r}. Use 'train' or 'validation'.")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    missing = [name for name in files if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"stdlib_bytes: {root} lacks {missing}; this needs a CPython 3.10+ standard library "
+                                "with its .py sources installed.")
+    data = b"\n".join((root / name).read_bytes() for name in files)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def windows(data: torch.Tensor, length: int, count: int, seed: int) -> torch.Tensor:
+    """`count` windows of `length + 1` bytes at seeded random offsets, as int64 [count, length + 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - length - 1, (count,), generator=generator)
+    return torch.stack([data[s:s + length + 1] for s in starts.tolist()]).long()
+
+
+def calibration_batches(length: int = 128, count: int = 64, batch_size: int = 16, seed: int = 1,
+                        split: str = "train") -> list[torch.Tensor]:
+    """Token-id batches [batch, length] for convert(calibration_data=...), drawn from one split."""
+    ids = windows(stdlib_bytes(split), length, count, seed)[:, :-1]
+    return list(ids.split(batch_size))
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_size: int = 32,
+               max_windows: int = 256, progress: Callable[[Iterator], Iterator] = iter) -> float:
+    """Perplexity of `model` on consecutive non-overlapping windows of `data` (at most `max_windows`)."""
+    count = min((len(data) - 1) // length, max_windows)
+    ids = data[: count * length + 1].long()
+    inputs, targets = ids[:-1].view(count, length), ids[1:].view(count, length)
+    total = 0.0
+    for x, y in progress(zip(inputs.split(batch_size), targets.split(batch_size))):
+        logits = logits_of(model(x))
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
+    return math.exp(total / targets.numel())
