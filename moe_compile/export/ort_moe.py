@@ -33,21 +33,29 @@ _PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu", "silu": "silu"}
 
 def ort_unsupported_reason(layer: MoELayer) -> Optional[str]:
     """Why com.microsoft.MoE cannot compute exactly what `layer` computes, or None when it can."""
-    router = layer.router
-    if router.routing == "expert_choice":
-        return "expert-choice routing (experts pick tokens); com.microsoft.MoE only routes tokens to experts"
-    if may_drop(router.capacity_factor, router.top_k, router.num_experts):
-        return (f"capacity_factor={router.capacity_factor} may drop tokens; com.microsoft.MoE is dropless "
-                "(use capacity_factor=None, or >= num_experts/top_k, for a dropless model)")
+    reason = not_dropless_token_choice(layer, OP_NAME)
+    if reason:
+        return reason
     if layer.gated and layer.activation != "silu":
         return f"gated {layer.activation} FFN; the CPU kernel of com.microsoft.MoE fuses only SwiGLU (silu gate)"
     if not layer.gated and layer.activation == "gelu":
         return "erf GELU; com.microsoft.MoE's gelu is the tanh approximation (about 3e-4 away)"
     if not layer.gated and layer.activation not in _PLAIN_ACTIVATIONS:
         return f"activation {layer.activation!r} is not among com.microsoft.MoE's activation types"
-    if layer.combine == "unweighted" and router.top_k > 1:
-        return (f"unweighted combine with top_k={router.top_k}; com.microsoft.MoE always weights expert outputs "
-                "by their gates")
+    k = layer.router.top_k
+    if layer.combine == "unweighted" and k > 1:
+        return f"unweighted combine with top_k={k}; com.microsoft.MoE always weights expert outputs by their gates"
+    return None
+
+
+def not_dropless_token_choice(layer: MoELayer, op: str) -> Optional[str]:
+    """Why `layer` is not dropless token choice (all that a fused MoE op computes), or None when it is."""
+    router = layer.router
+    if router.routing == "expert_choice":
+        return f"expert-choice routing (experts pick tokens); {op} takes each token's k expert choices"
+    if may_drop(router.capacity_factor, router.top_k, router.num_experts):
+        return (f"capacity_factor={router.capacity_factor} may drop tokens; {op} is dropless "
+                "(use capacity_factor=None, or >= num_experts/top_k, for a dropless model)")
     return None
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..kernels import layer_operands, moe_ffn
 from ..moe import MoELayer
-from .ort_moe import may_drop
+from .ort_moe import not_dropless_token_choice
 
 PLUGIN_NAMESPACE = "moe_compile"
 PLUGIN_NAME = "moe_ffn"
@@ -33,13 +33,7 @@ OP_NAME = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 
 def tensorrt_unsupported_reason(layer: MoELayer) -> Optional[str]:
     """Why the moe_ffn plugin cannot compute exactly what `layer` computes, or None when it can."""
-    router = layer.router
-    if router.routing == "expert_choice":
-        return "expert-choice routing (experts pick tokens); moe_ffn takes each token's k expert choices"
-    if may_drop(router.capacity_factor, router.top_k, router.num_experts):
-        return (f"capacity_factor={router.capacity_factor} may drop tokens; moe_ffn is dropless "
-                "(use capacity_factor=None, or >= num_experts/top_k, for a dropless model)")
-    return None
+    return not_dropless_token_choice(layer, PLUGIN_NAME)
 
 
 class TensorRTMoE(nn.Module):

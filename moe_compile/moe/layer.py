@@ -19,11 +19,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .activations import ACTIVATIONS
 from .dispatch import run_experts
 from .experts import ExpertWeights
+from .ffn import DenseFFN
 from .routers import Router
 
 _EXPERT_PARAMS = ("up_weight", "up_bias", "gate_weight", "gate_bias", "down_weight", "down_bias", "output_bias")
@@ -75,10 +74,8 @@ class MoELayer(nn.Module):
 
     def expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         """FFN_e on its rows [n, d] -> [n, d]."""
-        act = ACTIVATIONS[self.activation]
-        h = F.linear(rows, self.up_weight[e], _row(self.up_bias, e))
-        h = act(F.linear(rows, self.gate_weight[e], _row(self.gate_bias, e))) * h if self.gated else act(h)
-        return F.linear(h, self.down_weight[e], _row(self.down_bias, e))
+        return DenseFFN(self.up_weight[e], _row(self.up_bias, e), self.down_weight[e], _row(self.down_bias, e),
+                        self.activation, _row(self.gate_weight, e), _row(self.gate_bias, e))(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routed = self.router(x)
@@ -112,8 +109,8 @@ class MoELayer(nn.Module):
                 f"activation={self.activation}{', gated' if self.gated else ''}, combine={self.combine}")
 
 
-def _row(bias: Optional[torch.Tensor], e: int) -> Optional[torch.Tensor]:
-    return None if bias is None else bias[e]
+def _row(stacked: Optional[torch.Tensor], e: int) -> Optional[torch.Tensor]:
+    return None if stacked is None else stacked[e]
 
 
 def iter_moe_layers(model: nn.Module):

@@ -12,9 +12,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .activations import ACTIVATIONS
+from .ffn import DenseFFN
 
 
 class SharedExpert(nn.Module):
@@ -34,10 +33,8 @@ class SharedExpert(nn.Module):
         return self.up_weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = ACTIVATIONS[self.activation]
-        h = F.linear(x, self.up_weight, self.up_bias)
-        h = act(F.linear(x, self.gate_weight, self.gate_bias)) * h if self.gate_weight is not None else act(h)
-        return F.linear(h, self.down_weight)
+        return DenseFFN(self.up_weight, self.up_bias, self.down_weight, None, self.activation, self.gate_weight,
+                        self.gate_bias)(x)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, activation={self.activation}{', gated' if self.gate_weight is not None else ''}"
