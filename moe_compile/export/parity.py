@@ -1,6 +1,6 @@
 """check_parity: run an exported ONNX file in ONNX Runtime (CPU) and eager PyTorch on the same inputs, and compare.
 
-Per output, with a = ONNX Runtime, b = eager (the model as given, no_grad, eval mode), in float64:
+Every output of the ONNX file is compared with the eager output of the same name. Per output, with a = ONNX Runtime, b = eager (the model as given, no_grad, eval mode), in float64:
     max_abs  = max |a - b|
     max_rel  = max |a - b| / max |b|           (relative to the output's scale, so near-zero entries do not blow up)
     cosine   = <a, b> / (|a| |b|)              (flattened)
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..model_io import Inputs, LogitsModel, as_input_tuple
+from ..model_io import Inputs, ModelCall, as_model_inputs
 from ..table import format_table
 
 # Max abs error of the logits, ONNX Runtime vs eager PyTorch (the fp32 model), per exported dtype; stated for
@@ -83,16 +83,17 @@ def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: I
         import onnxruntime as ort
     except ImportError as error:
         raise ImportError("check_parity needs ONNX Runtime: pip install 'moe-compile[ort]'.") from error
-    inputs = as_input_tuple(inputs, "check_parity")
+    inputs = as_model_inputs(inputs, "check_parity")
     if not os.path.isfile(onnx_path):
         raise FileNotFoundError(f"check_parity: no ONNX file at {os.fspath(onnx_path)!r}. Write one with "
                                 "moe_compile.export(model, example_inputs, path).")
     session = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
     session_inputs = session.get_inputs()
-    if len(session_inputs) != len(inputs):
+    tensors = inputs.tensors()
+    if len(session_inputs) != len(tensors):
         raise ValueError(f"check_parity: {onnx_path} takes {len(session_inputs)} inputs "
-                         f"({', '.join(i.name for i in session_inputs)}), got {len(inputs)}.")
-    outputs = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, inputs)})
+                         f"({', '.join(i.name for i in session_inputs)}), got {len(tensors)}.")
+    outputs = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, tensors)})
     if dtype is None:
         dtype = _ORT_TYPES.get(session.get_outputs()[0].type, torch.float32)
     if tolerance is None:
@@ -102,14 +103,18 @@ def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: I
 
     was_training = model.training
     try:
-        with torch.no_grad():
-            reference = LogitsModel(model.eval())(*inputs)
+        reference = ModelCall(model.eval()).named(inputs)
     finally:
         model.train(was_training)
 
     report = ParityReport(onnx_path=os.fspath(onnx_path), dtype=str(dtype).removeprefix("torch."))
-    name = session.get_outputs()[0].name  # export writes one output, the logits
-    report.outputs.append(compare(name, np.asarray(outputs[0]), reference.float().cpu().numpy(), tolerance))
+    names = [o.name for o in session.get_outputs()]
+    missing = [name for name in names if name not in reference]
+    if missing:
+        raise ValueError(f"check_parity: the ONNX outputs {missing} are not outputs of {type(model).__name__} "
+                         f"(it returns {list(reference)}); export the same model to {os.fspath(onnx_path)!r} again.")
+    for name, got in zip(names, outputs):
+        report.outputs.append(compare(name, np.asarray(got), reference[name].float().cpu().numpy(), tolerance))
     return report
 
 

@@ -1,12 +1,13 @@
 """FFN patterns over a torch.fx graph, as node predicates.
 
-    plain   x -> up -> act -> down [-> dropout]                 ->  MoE(x)
+    plain   x -> up -> act [-> dropout] -> down [-> dropout]            ->  MoE(x)
     gated   x -> gate -> act --\
-            x -> up -----------* -> down [-> dropout]           ->  MoE(x)
+            x -> up -----------* [-> dropout] -> down [-> dropout]      ->  MoE(x)
 
 where up, gate and down are projections (nn.Linear, Conv1D, ...), act is any node that computes a known
 activation (a module such as nn.GELU or NewGELUActivation, F.gelu(..., approximate=...), F.silu, x.relu(), ...)
-and dropout an nn.Dropout module or F.dropout. Matching (`match_ffns`) finds the anchor shape; checking
+and dropout an nn.Dropout module, F.dropout or aten.dropout. A dropout on the hidden activations (T5, BART) acts only
+in training; the MoE experts have none, so the rewrite drops it and the report says so. Matching (`match_ffns`) finds the anchor shape; checking
 (`check_match`) says why a match cannot be rewritten; neither changes the graph.
 """
 
@@ -36,6 +37,7 @@ class FFNMatch:
     output: fx.Node  # the last node replaced: down, or the dropout after it
     gate: Optional[fx.Node] = None
     mul: Optional[fx.Node] = None
+    hidden_dropout: Optional[fx.Node] = None  # a dropout between act (or act * up) and down
     dropout: float = 0.0
     activation: str = ""
     projections: dict[str, Projection] = field(default_factory=dict)
@@ -47,7 +49,7 @@ class FFNMatch:
     @property
     def nodes(self) -> list[fx.Node]:
         """Every node the rewrite replaces, in graph order."""
-        inner = [self.up, self.gate, self.act, self.mul, self.down, self.output]
+        inner = [self.up, self.gate, self.act, self.mul, self.hidden_dropout, self.down, self.output]
         unique = {id(n): n for n in inner if n is not None}
         order = {n: i for i, n in enumerate(self.down.graph.nodes)}
         return sorted(unique.values(), key=order.__getitem__)
@@ -56,7 +58,9 @@ class FFNMatch:
     def pattern(self) -> str:
         kind = self.projections["up"].kind
         act = self.activation
-        core = f"{kind}(gate) -> {act} * {kind}(up) -> {kind}(down)" if self.gated else f"{kind} -> {act} -> {kind}"
+        hidden = " -> Dropout" if self.hidden_dropout is not None else ""
+        core = (f"{kind}(gate) -> {act} * {kind}(up){hidden} -> {kind}(down)" if self.gated
+                else f"{kind} -> {act}{hidden} -> {kind}")
         return core + (" -> Dropout" if self.output is not self.down else "")
 
     def dense_ffn(self) -> DenseFFN:
@@ -137,10 +141,16 @@ def match_ffns(gm_root: nn.Module, graph: fx.Graph) -> list[FFNMatch]:
         down_proj = _projection(down, gm_root)
         if down_proj is None:
             continue
-        h = down.args[0]
+        h = hidden_dropout = down.args[0]
+        if not isinstance(h, fx.Node):
+            continue
+        if _dropout(h, gm_root) is not None and h.args and isinstance(h.args[0], fx.Node):
+            h = h.args[0]
         match = _match_plain(h, down, gm_root) or _match_gated(h, down, gm_root)
         if match is None:
             continue
+        if hidden_dropout is not h:
+            match.hidden_dropout = hidden_dropout
         match.projections["down"] = down_proj
         users = list(down.users)
         if len(users) == 1 and (p := _dropout(users[0], gm_root)) is not None:
