@@ -130,14 +130,21 @@ def named_outputs(output: Any, prefix: str = "output") -> dict[str, torch.Tensor
 
 
 class ModelCall(nn.Module):
-    """model(*args, **kwargs) -> its output tensors as a flat tuple, in `named_outputs` order."""
+    """model(*args, **kwargs) -> its output tensors as a flat tuple, in `named_outputs` order.
 
-    def __init__(self, model: nn.Module):
+    keywords: the last len(keywords) positional inputs are passed by these names (the ONNX exporter takes
+    dynamic axes reliably only for positional inputs)."""
+
+    def __init__(self, model: nn.Module, keywords: tuple[str, ...] = ()):
         super().__init__()
         self.model = model
+        self.keywords = keywords
         self.extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.keywords:
+            args, kwargs = args[:len(args) - len(self.keywords)], {**dict(zip(self.keywords, args[-len(self.keywords):])),
+                                                                    **kwargs}
         return tuple(named_outputs(self.model(*args, **kwargs, **self.extra)).values())
 
     def named(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:

@@ -84,11 +84,9 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
     dynamic_shapes = None
     if dynamic:  # dims 0 and 1 (batch, sequence) of every input
         axes = lambda t: {i: torch.export.Dim.DYNAMIC for i in range(min(t.dim(), 2))}  # noqa: E731
-        dynamic_shapes = {"args": tuple(axes(t) for t in example.args)}
-        if example.kwargs:
-            dynamic_shapes["kwargs"] = {k: axes(t) for k, t in example.kwargs.items()}
-    with _quiet_exporter():
-        program = torch.onnx.export(ModelCall(work).eval(), example.args, kwargs=example.kwargs, dynamo=True,
+        dynamic_shapes = {"args": tuple(axes(t) for t in example.tensors())}
+    with _quiet_exporter():  # keyword inputs travel positionally (see ModelCall)
+        program = torch.onnx.export(ModelCall(work, tuple(example.kwargs)).eval(), tuple(example.tensors()), dynamo=True,
                                     dynamic_shapes=dynamic_shapes, input_names=inputs.names(model),
                                     output_names=output_names, opset_version=opset, verbose=False)
     program.save(os.fspath(path))

@@ -6,9 +6,11 @@ time) and across module boundaries: an FFN whose projections live in sibling mod
 and output.dense) is found in their common parent. The same FFN patterns are matched on that graph. Each located
 FFN belongs to a block, the innermost module whose forward runs all of its ops, and is rewritten one of two ways:
 
-    module chain   every step up -> act [-> dropout] -> down is the only op of its own module, used once:
-                   up becomes the MoE layer, the other steps nn.Identity; every forward's code (residuals,
-                   LayerNorms, trailing dropout, KV caches) runs as before.
+    module chain   every step up -> act -> down is the only op of its own module, used once: up becomes the MoE
+                   layer, the other steps nn.Identity; every forward's code (residuals, LayerNorms, trailing
+                   dropout, KV caches) runs as before. A dropout between act and down that is a module of its own
+                   becomes nn.Identity too; one written in the forward (BART's F.dropout) then acts on the MoE
+                   output (in training only; the report says so).
     capture        anything else (a functional or gated activation written in the block's forward): the pipeline
                    captures the block with torch.export on the arguments it receives (capture.export_module) and
                    rewrites that graph like an inline fx site.
@@ -36,6 +38,7 @@ class ModuleChain:
 
     up: str
     others: list[str]
+    dropout_stays: bool = False  # a dropout between act and down, written in the forward, stays in place
 
 
 @dataclass
@@ -99,14 +102,18 @@ def _common_parent(paths: list[str]) -> str:
 
 def _module_chain(model: nn.Module, match: FFNMatch, ops_per_module: Counter,
                   uses: Counter) -> Optional[ModuleChain]:
-    """The chain up -> act [-> dropout] -> down, when each step is the one op of a childless module used once."""
+    """The chain up -> act [-> dropout] -> down, when each step is the one op of a childless module used once (a
+    dropout written in the forward is left where it is)."""
     if match.gated:
         return None
-    steps = [_owner(n) for n in (match.up, match.act, match.hidden_dropout, match.down) if n is not None]
+    dropout = match.hidden_dropout
+    if dropout is not None and ops_per_module[_owner(dropout)] != 1:
+        dropout = None  # functional, in the block's own code: it stays, and then acts on the MoE output
+    steps = [_owner(n) for n in (match.up, match.act, dropout, match.down) if n is not None]
     if len(set(steps)) != len(steps) or "" in steps:
         return None
     for path in steps:
         module = model.get_submodule(path)
         if ops_per_module[path] != 1 or uses[id(module)] != 1 or next(module.children(), None) is not None:
             return None
-    return ModuleChain(steps[0], steps[1:])
+    return ModuleChain(steps[0], steps[1:], dropout_stays=dropout is not match.hidden_dropout)

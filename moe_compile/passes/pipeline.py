@@ -236,7 +236,9 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
         for site, _ in pairs:
             site.report.action = "converted"
             if site.match.hidden_dropout is not None:
-                site.report.reason += "; the dropout on its hidden activations (training only) is dropped"
+                site.report.reason += ("; the dropout on its hidden activations now acts on its output (training only)"
+                                       if site.chain is not None and site.chain.dropout_stays else
+                                       "; the dropout on its hidden activations (training only) is dropped")
 
     target.moe_report = ConversionReport(sites=[s.report for s in sites], notes=notes, config=config,
                                          example_inputs=None if given is None else given.to_spec())
