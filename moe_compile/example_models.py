@@ -135,8 +135,8 @@ class RuntimeMaskBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        heads = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in self.qkv(self.ln_1(x)).split(d, -1))
-        q, k, v = heads
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+                   for z in self.qkv(self.ln_1(x)).split(d, -1))
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.n_head)
         attention = self.drop(scores.masked_fill(~mask, float("-inf")).softmax(-1)) @ v
         x = x + self.c_proj(attention.transpose(1, 2).reshape(b, t, d))

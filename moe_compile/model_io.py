@@ -143,8 +143,8 @@ class ModelCall(nn.Module):
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.keywords:
-            args, kwargs = args[:len(args) - len(self.keywords)], {**dict(zip(self.keywords, args[-len(self.keywords):])),
-                                                                    **kwargs}
+            split = len(args) - len(self.keywords)
+            args, kwargs = args[:split], {**dict(zip(self.keywords, args[split:])), **kwargs}
         return tuple(named_outputs(self.model(*args, **kwargs, **self.extra)).values())
 
     def named(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:

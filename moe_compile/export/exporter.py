@@ -86,8 +86,8 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
         axes = lambda t: {i: torch.export.Dim.DYNAMIC for i in range(min(t.dim(), 2))}  # noqa: E731
         dynamic_shapes = {"args": tuple(axes(t) for t in example.tensors())}
     with _quiet_exporter():  # keyword inputs travel positionally (see ModelCall)
-        program = torch.onnx.export(ModelCall(work, tuple(example.kwargs)).eval(), tuple(example.tensors()), dynamo=True,
-                                    dynamic_shapes=dynamic_shapes, input_names=inputs.names(model),
+        program = torch.onnx.export(ModelCall(work, tuple(example.kwargs)).eval(), tuple(example.tensors()),
+                                    dynamo=True, dynamic_shapes=dynamic_shapes, input_names=inputs.names(model),
                                     output_names=output_names, opset_version=opset, verbose=False)
     program.save(os.fspath(path))
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,

@@ -1,6 +1,7 @@
 """check_parity: run an exported ONNX file in ONNX Runtime (CPU) and eager PyTorch on the same inputs, and compare.
 
-Every output of the ONNX file is compared with the eager output of the same name. Per output, with a = ONNX Runtime, b = eager (the model as given, no_grad, eval mode), in float64:
+Every output of the ONNX file is compared with the eager output of the same name. Per output, with
+a = ONNX Runtime, b = eager (the model as given, no_grad, eval mode), in float64:
     max_abs  = max |a - b|
     max_rel  = max |a - b| / max |b|           (relative to the output's scale, so near-zero entries do not blow up)
     cosine   = <a, b> / (|a| |b|)              (flattened)

@@ -6,9 +6,10 @@
 
 where up, gate and down are projections (nn.Linear, Conv1D, ...), act is any node that computes a known
 activation (a module such as nn.GELU or NewGELUActivation, F.gelu(..., approximate=...), F.silu, x.relu(), ...)
-and dropout an nn.Dropout module, F.dropout or aten.dropout. A dropout on the hidden activations (T5, BART) acts only
-in training; the MoE experts have none, so the rewrite drops it and the report says so. Matching (`match_ffns`) finds the anchor shape; checking
-(`check_match`) says why a match cannot be rewritten; neither changes the graph.
+and dropout an nn.Dropout module, F.dropout or aten.dropout. A dropout on the hidden activations (T5, BART) acts
+only in training and MoE experts have none: the report says whether the rewrite drops it or leaves it acting on the
+FFN output. Matching (`match_ffns`) finds the anchor shape; checking (`check_match`) says why a match cannot be
+rewritten; neither changes the graph.
 """
 
 from __future__ import annotations
