@@ -88,6 +88,7 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
     import transformers
 
     import moe_compile as mc
+    from moe_compile.errors import first_line
     from moe_compile.model_io import ModelCall, default_inputs
 
     row = {"mapping": mapping, "model_type": model_type, "class": class_name}
@@ -100,7 +101,7 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
             raise TypeError("the model has no dummy_inputs")
         reference = ModelCall(dense).named(inputs)
     except Exception as error:  # noqa: BLE001 - any failure to build or run is the row's reason
-        return {**row, "status": "not built", "reason": _line(error)}
+        return {**row, "status": "not built", "reason": first_line(error, 200)}
     if any(re.search(r"moe|expert", type(m).__name__, re.I) for m in dense.modules()):
         return {**row, "status": "not built", "reason": "an MoE model already (not a dense FFN)"}
     row["params"] = sum(p.numel() for p in dense.parameters())
@@ -119,7 +120,7 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
             notes = "; ".join(sorted({n.outcome for n in report.notes if "torch.fx" not in n.outcome}))
             return {**row, "status": "not found", "reason": notes[:300] or "no FFN pattern in any module"}
         except Exception as error:  # noqa: BLE001
-            return {**row, "status": "skipped", "reason": f"convert raised {_line(error)}"}
+            return {**row, "status": "skipped", "reason": f"convert raised {first_line(error, 200)}"}
         report = moe.moe_report
         row["sites"] = len(report.converted)
         row["patterns"] = sorted({s.pattern for s in report.converted})
@@ -133,10 +134,6 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
     if all(e <= TOLERANCE for e in errors.values()):
         return {**row, "status": "converted"}
     return {**row, "status": "skipped", "reason": "not exact: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())}
-
-
-def _line(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 def table(rows: list[dict]) -> str:
@@ -188,6 +185,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="model types to run (default: every one)")
     parser.add_argument("--timeout", type=float, default=90, help="seconds per architecture (90)")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun only the architectures the last results did not convert or did not run")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds for the whole sweep; architectures left when it is spent are listed as not run")
     parser.add_argument("--chunk", nargs="*", help=argparse.SUPPRESS)  # internal: a worker's architectures
@@ -196,6 +195,12 @@ def main() -> int:
         run_chunk(args.chunk, args.timeout)
         return 0
     todo = [f"{m}:{t}:{c}" for m, t, c in architectures() if not args.only or t in args.only]
+    kept = []
+    if args.update:
+        kept = [r for r in json.loads((RESULTS / "hf_coverage.json").read_text())
+                if r["status"] in ("converted", "not built")]
+        done = {f"{r['mapping']}:{r['model_type']}:{r['class']}" for r in kept}
+        todo = [spec for spec in todo if spec not in done]
     rows, start = [], time.perf_counter()
     while todo and time.perf_counter() - start < args.budget:
         specs, todo = todo[:CHUNK], todo[CHUNK:]
@@ -213,6 +218,8 @@ def main() -> int:
             print(f"{row['status']:10s} {row['class']:45s} {row.get('reason', '')[:100]}", flush=True)
     rows += [dict(zip(("mapping", "model_type", "class"), spec.split(":")), status="not run",
                   reason="the sweep's time budget was spent") for spec in todo]
+    order = {spec: i for i, spec in enumerate(f"{m}:{t}:{c}" for m, t, c in architectures())}
+    rows = sorted(kept + rows, key=lambda r: order.get(f"{r['mapping']}:{r['model_type']}:{r['class']}", 0))
     RESULTS.mkdir(exist_ok=True)
     name = "hf_coverage" if not args.only else "hf_coverage_partial"
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -15,3 +15,8 @@ class RecipeError(MoECompileError):
 
 class LoweringError(MoECompileError):
     """An export target cannot express a layer."""
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """'<ErrorType>: <first line of its message>', for a report line or an error naming what went wrong."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:limit]}"

@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..errors import LoweringError, MoECompileError
+from ..errors import LoweringError, MoECompileError, first_line
 from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelCall, ModelInputs, as_model_inputs, widened
 from ..moe import MoELayer, iter_moe_layers
 from ..passes.rewrite import replace_submodule
@@ -69,7 +69,7 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
         output_names = list(ModelCall(work).named(example))
     except Exception as error:  # the model's own code raises; say which inputs it was given
         raise MoECompileError(f"export: {type(model).__name__} fails on the example inputs ({inputs.describe(model)}): "
-                              f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]} Pass "
+                              f"{first_line(error, 200)} Pass "
                               f"{EXAMPLE_INPUTS_HELP}.") from None
     if dtype is not None:
         work = work.to(dtype)

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import first_line
 from ..model_io import ModelCall, ModelInputs
 from .patterns import FFNMatch, check_match, match_ffns, module_path
 
@@ -64,7 +65,7 @@ def locate_ffns(model: nn.Module, inputs: ModelInputs,
         with torch.no_grad():
             program = torch.export.export(ModelCall(model), inputs.args, inputs.kwargs, strict=False)
     except Exception as error:  # torch.export raises many kinds; each means "this model did not export"
-        return [], f"torch.export failed ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]})"
+        return [], f"torch.export failed ({first_line(error)})"
     graph_module = program.module()
     ops_per_module = Counter(_owner(n) for n in graph_module.graph.nodes if n.op == "call_function")
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -112,8 +113,9 @@ def _module_chain(model: nn.Module, match: FFNMatch, ops_per_module: Counter,
     steps = [_owner(n) for n in (match.up, match.act, dropout, match.down) if n is not None]
     if len(set(steps)) != len(steps) or "" in steps:
         return None
+    ops = {path: 1 for path in steps} | {_owner(match.act): 1 + len(match.act_region)}
     for path in steps:
         module = model.get_submodule(path)
-        if ops_per_module[path] != 1 or uses[id(module)] != 1 or next(module.children(), None) is not None:
+        if ops_per_module[path] != ops[path] or uses[id(module)] != 1 or next(module.children(), None) is not None:
             return None
     return ModuleChain(steps[0], steps[1:], dropout_stays=dropout is not match.hidden_dropout)

@@ -39,6 +39,7 @@ class FFNMatch:
     gate: Optional[fx.Node] = None
     mul: Optional[fx.Node] = None
     hidden_dropout: Optional[fx.Node] = None  # a dropout between act (or act * up) and down
+    act_region: list[fx.Node] = field(default_factory=list)  # an activation module's ATen ops, `act` the last
     dropout: float = 0.0
     activation: str = ""
     projections: dict[str, Projection] = field(default_factory=dict)
@@ -50,7 +51,8 @@ class FFNMatch:
     @property
     def nodes(self) -> list[fx.Node]:
         """Every node the rewrite replaces, in graph order."""
-        inner = [self.up, self.gate, self.act, self.mul, self.hidden_dropout, self.down, self.output]
+        inner = [self.up, self.gate, *self.act_region, self.act, self.mul, self.hidden_dropout, self.down,
+                 self.output]
         unique = {id(n): n for n in inner if n is not None}
         order = {n: i for i, n in enumerate(self.down.graph.nodes)}
         return sorted(unique.values(), key=order.__getitem__)
@@ -101,6 +103,48 @@ def module_path(node: fx.Node) -> tuple[str, str]:
 
 def _attr(root: nn.Module, target: str) -> torch.Tensor:
     return functools.reduce(getattr, target.split("."), root)
+
+
+def _activation_input(node: fx.Node, root: nn.Module) -> Optional[tuple[str, fx.Node, list[fx.Node]]]:
+    """(activation, its input node, the ATen nodes before `node` that compute it) when `node` computes a known
+    activation of one tensor: on its own (a module call, F.gelu, aten.gelu), or as the last of the ATen ops of an
+    activation module recorded by torch.export (transformers' NewGELUActivation: pow, mul, add, tanh, ...)."""
+    activation = _activation(node, root)
+    if activation is not None:
+        return activation, node.all_input_nodes[0], []
+    region = _module_region(node)
+    if not region:
+        return None
+    inputs = {a for n in region for a in n.all_input_nodes if a not in region}
+    if len(inputs) != 1:
+        return None
+    (source,) = inputs
+    graph = fx.Graph()
+    env = {source: graph.placeholder("x")}
+    for n in sorted(region, key=list(node.graph.nodes).index):
+        env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output(env[node])
+    activation = identify_activation(fx.GraphModule(nn.Module(), graph))
+    return (activation, source, [n for n in region if n is not node]) if activation else None
+
+
+def _module_region(node: fx.Node) -> Optional[set[fx.Node]]:
+    """`node` and the nodes feeding it that ran in the same (innermost) module, in a torch.export graph; None
+    when that module holds weights (get_attr) or is not recorded."""
+    path = module_path(node)[0]
+    if not path or node.op != "call_function":
+        return None
+    region, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in region:
+            continue
+        if n.op == "get_attr":
+            return None
+        region.add(n)
+        todo += [a for a in n.all_input_nodes if a.op != "placeholder" and module_path(a)[0] == path]
+    users_outside = [n for n in region if n is not node and any(u not in region for u in n.users)]
+    return None if users_outside or len(region) < 2 else region
 
 
 def _activation(node: fx.Node, root: nn.Module) -> Optional[str]:
@@ -161,30 +205,30 @@ def match_ffns(gm_root: nn.Module, graph: fx.Graph) -> list[FFNMatch]:
 
 
 def _match_plain(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatch]:
-    activation = _activation(h, root)
-    if activation is None:
+    found = _activation_input(h, root)
+    if found is None:
         return None
-    up = h.all_input_nodes[0]
+    activation, up, region = found
     up_proj = _projection(up, root)
     if up_proj is None:
         return None
     return FFNMatch(input=up.args[0], up=up, down=down, act=h, output=down, activation=activation,
-                    projections={"up": up_proj})
+                    projections={"up": up_proj}, act_region=region)
 
 
 def _match_gated(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatch]:
     if not _is_mul(h) or len(h.args) != 2 or not all(isinstance(a, fx.Node) for a in h.args):
         return None
     for act, up in (h.args, h.args[::-1]):
-        activation = _activation(act, root)
-        if activation is None:
+        found = _activation_input(act, root)
+        if found is None:
             continue
-        gate = act.all_input_nodes[0]
+        activation, gate, region = found
         gate_proj, up_proj = _projection(gate, root), _projection(up, root)
         if gate_proj is None or up_proj is None or gate.args[0] is not up.args[0]:
             continue
         return FFNMatch(input=up.args[0], up=up, down=down, act=act, output=down, gate=gate, mul=h,
-                        activation=activation, projections={"up": up_proj, "gate": gate_proj})
+                        activation=activation, projections={"up": up_proj, "gate": gate_proj}, act_region=region)
     return None
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import MoEConfig
-from ..errors import MoECompileError, NoFFNFoundError
+from ..errors import MoECompileError, NoFFNFoundError, first_line
 from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelInputs, as_model_inputs, default_inputs, widened
 from ..moe import MoELayer, build_moe_layer
 from .capture import as_projection, candidate_modules, export_module, record_calls, trace
@@ -60,7 +60,7 @@ def _scan(model: nn.Module, inputs: Optional[ModelInputs], given: bool) -> tuple
         try:
             graph = trace(module)
         except Exception as error:  # torch.fx raises many kinds; each means "not traceable"
-            notes.append(ModuleNote(name, f"not traceable with torch.fx ({_first_line(error)})"))
+            notes.append(ModuleNote(name, f"not traceable with torch.fx ({first_line(error)})"))
             continue
         traced.add(name)
         matches = match_ffns(module, graph)
@@ -122,7 +122,7 @@ def _capture(model: nn.Module, inputs: ModelInputs, blocks: set[str]) -> dict[st
     try:
         calls = record_calls(model, inputs, modules)
     except Exception as error:  # the model's own code raised on the widened example
-        return {block: f"the model failed on the example inputs ({_first_line(error)})" for block in blocks}
+        return {block: f"the model failed on the example inputs ({first_line(error)})" for block in blocks}
     captured: dict[str, Union[fx.GraphModule, str]] = {}
     for block, module in modules.items():
         if block not in calls:
@@ -131,7 +131,7 @@ def _capture(model: nn.Module, inputs: ModelInputs, blocks: set[str]) -> dict[st
         try:
             captured[block] = export_module(module, calls[block])
         except Exception as error:  # torch.export raises many kinds; each means "this block did not export"
-            captured[block] = f"torch.export of {block} failed ({_first_line(error)})"
+            captured[block] = f"torch.export of {block} failed ({first_line(error)})"
     return captured
 
 
@@ -150,10 +150,6 @@ def _inside(path: str, block: str) -> bool:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
 
 
 def _site_report(name: str, module: str, match: FFNMatch, skip_reason: Optional[str], note: str = "") -> SiteReport:
