@@ -3,6 +3,7 @@
     plain   x -> up -> act [-> dropout] -> down [-> dropout]            ->  MoE(x)
     gated   x -> gate -> act --\
             x -> up -----------* [-> dropout] -> down [-> dropout]      ->  MoE(x)
+            (gate and up may be the two halves of one fused projection, chunked along the last axis: Phi-3, GLM)
 
 where up, gate and down are projections (nn.Linear, Conv1D, ...), act is any node that computes a known
 activation (a module such as nn.GELU or NewGELUActivation, F.gelu(..., approximate=...), F.silu, x.relu(), ...)
@@ -40,6 +41,7 @@ class FFNMatch:
     mul: Optional[fx.Node] = None
     hidden_dropout: Optional[fx.Node] = None  # a dropout between act (or act * up) and down
     act_region: list[fx.Node] = field(default_factory=list)  # an activation module's ATen ops, `act` the last
+    halves: list[fx.Node] = field(default_factory=list)  # a fused gate_up projection's chunk and getitem nodes
     dropout: float = 0.0
     activation: str = ""
     projections: dict[str, Projection] = field(default_factory=dict)
@@ -51,8 +53,8 @@ class FFNMatch:
     @property
     def nodes(self) -> list[fx.Node]:
         """Every node the rewrite replaces, in graph order."""
-        inner = [self.up, self.gate, *self.act_region, self.act, self.mul, self.hidden_dropout, self.down,
-                 self.output]
+        inner = [self.up, self.gate, *self.halves, *self.act_region, self.act, self.mul, self.hidden_dropout,
+                 self.down, self.output]
         unique = {id(n): n for n in inner if n is not None}
         order = {n: i for i, n in enumerate(self.down.graph.nodes)}
         return sorted(unique.values(), key=order.__getitem__)
@@ -62,7 +64,8 @@ class FFNMatch:
         kind = self.projections["up"].kind
         act = self.activation
         hidden = " -> Dropout" if self.hidden_dropout is not None else ""
-        core = (f"{kind}(gate) -> {act} * {kind}(up){hidden} -> {kind}(down)" if self.gated
+        gate, up = ("gate", "up") if self.gate is not self.up else ("gate half", "up half")
+        core = (f"{kind}({gate}) -> {act} * {kind}({up}){hidden} -> {kind}(down)" if self.gated
                 else f"{kind} -> {act}{hidden} -> {kind}")
         return core + (" -> Dropout" if self.output is not self.down else "")
 
@@ -224,12 +227,57 @@ def _match_gated(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatc
         if found is None:
             continue
         activation, gate, region = found
+        fused = _fused_halves(gate, up, root)
+        if fused is not None:
+            projection, gate_proj, up_proj, halves = fused
+            return FFNMatch(input=projection.args[0], up=projection, down=down, act=act, output=down,
+                            gate=projection, mul=h, activation=activation, act_region=region, halves=halves,
+                            projections={"up": up_proj, "gate": gate_proj})
         gate_proj, up_proj = _projection(gate, root), _projection(up, root)
         if gate_proj is None or up_proj is None or gate.args[0] is not up.args[0]:
             continue
         return FFNMatch(input=up.args[0], up=up, down=down, act=act, output=down, gate=gate, mul=h,
                         activation=activation, projections={"up": up_proj, "gate": gate_proj}, act_region=region)
     return None
+
+
+def _fused_halves(gate: fx.Node, up: fx.Node,
+                  root: nn.Module) -> Optional[tuple[fx.Node, Projection, Projection, list[fx.Node]]]:
+    """(fused projection node, gate half, up half, the chunk and getitem nodes) when gate and up are the two
+    halves of one projection's output: p(x).chunk(2, -1), or torch.split(p(x), f, -1)."""
+    halves = []
+    for node in (gate, up):
+        if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
+            return None
+        halves.append((node.args[0], node.args[1]))
+    (split, i_gate), (other, i_up) = halves
+    if split is not other or {i_gate, i_up} != {0, 1} or not split.args or not isinstance(split.args[0], fx.Node):
+        return None
+    projection_node = split.args[0]
+    projection = _projection(projection_node, root)
+    if projection is None or projection.out_features % 2 or not _halves_last_axis(split, projection.out_features):
+        return None
+    width = projection.out_features // 2
+
+    def half(i: int) -> Projection:
+        rows = slice(i * width, (i + 1) * width)
+        bias = None if projection.bias is None else projection.bias[rows]
+        return Projection(projection.weight[rows], bias, projection.kind)
+
+    return projection_node, half(i_gate), half(i_up), [split, gate, up]
+
+
+def _halves_last_axis(split: fx.Node, out_features: int) -> bool:
+    """Whether `split` cuts its input into two equal halves along the last axis."""
+    args, kwargs = list(split.args[1:]), dict(split.kwargs)
+    dim = kwargs.pop("dim", args.pop(1) if len(args) > 1 else 0)
+    if dim not in (-1, 2) or not args:
+        return False
+    if split.target in ("chunk", torch.chunk, _aten.chunk.default):
+        return args[0] == 2
+    if split.target in ("split", torch.split, _aten.split.Tensor, _aten.split_with_sizes.default):
+        return args[0] in (out_features // 2, [out_features // 2] * 2)
+    return False
 
 
 def check_match(match: FFNMatch) -> Optional[str]:
