@@ -69,11 +69,12 @@ def locate_ffns(model: nn.Module, inputs: ModelInputs,
     graph_module = program.module()
     ops_per_module = Counter(_owner(n) for n in graph_module.graph.nodes if n.op == "call_function")
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    found = []
+    found, seen = [], set()
     for match in match_ffns(graph_module, graph_module.graph):
         steps = {role: _owner(getattr(match, role)) for role in ("up", "gate", "down") if getattr(match, role)}
-        if steps["up"] in covered:
+        if steps["up"] in covered or tuple(steps.values()) in seen:  # a module shared by layers runs many times
             continue
+        seen.add(tuple(steps.values()))
         block = _common_parent([_owner(node) for node in match.nodes])
         chain = _module_chain(model, match, ops_per_module, uses)
         found.append(LocatedFFN(match, block, steps, chain, check_match(match)))
