@@ -19,3 +19,8 @@ class LoweringError(MoECompileError):
 
 class HFCheckpointError(MoECompileError):
     """A model or checkpoint cannot be written as (or read as the source of) a Hugging Face MoE checkpoint."""
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """'<ErrorType>: <first line of its message>', for a report line or an error naming what went wrong."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:limit]}"

@@ -4,6 +4,10 @@
 Linear -> GELU -> Linear -> Dropout, tied embeddings). `InlineNanoGPT` is the same network with the FFN written
 inline in the block's forward (no MLP submodule), the shape many research codebases use. With `gated=True` the
 FFN is down(act(gate(x)) * up(x)) (SwiGLU with activation "silu"), of width `ffn_width` (default 4 * n_embd).
+`RuntimeMaskGPT` is hand-written GPT code as people write it: the block builds its causal mask from the sequence
+length at run time (`torch.ones(t, t)`, which torch.fx cannot trace) and applies its FFN inline with a
+functional activation, `shrink(gelu(expand(h)))`; `GatedRuntimeMaskGPT` gates it, `shrink(silu(valve(h)) *
+expand(h))`.
 
 `load_checkpoint` reads the small trained GPTs that examples/train_tiny_gpts.py writes (safetensors, with the
 GPTConfig in the file's metadata).
@@ -132,6 +136,41 @@ class InlineBlock(nn.Module):
         return x + self.ffn_dropout(self.fc_out(h))
 
 
+class RuntimeMaskBlock(nn.Module):
+    """Attention with a causal mask built from x.shape[1] at run time; the FFN inline, with a functional activation."""
+
+    gated = False
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d = config.n_embd
+        self.n_head = config.n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=config.bias)
+        self.c_proj = nn.Linear(d, d, bias=config.bias)
+        self.expand = nn.Linear(d, 4 * d, bias=config.bias)
+        self.valve = nn.Linear(d, 4 * d, bias=config.bias) if self.gated else None
+        self.shrink = nn.Linear(4 * d, d, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+        self.activation = _ACTIVATION_FUNCTIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+                   for z in self.qkv(self.ln_1(x)).split(d, -1))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.n_head)
+        attention = self.drop(scores.masked_fill(~mask, float("-inf")).softmax(-1)) @ v
+        x = x + self.c_proj(attention.transpose(1, 2).reshape(b, t, d))
+        h = self.ln_2(x)
+        h = F.silu(self.valve(h)) * self.expand(h) if self.gated else self.activation(self.expand(h))
+        return x + self.drop(self.shrink(h))
+
+
+class GatedRuntimeMaskBlock(RuntimeMaskBlock):
+    gated = True
+
+
 class NanoGPT(nn.Module):
     block_class = Block
 
@@ -149,7 +188,7 @@ class NanoGPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight") or name.endswith("fc_out.weight"):
+            if name.endswith(("c_proj.weight", "fc_out.weight", "shrink.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
@@ -174,7 +213,16 @@ class InlineNanoGPT(NanoGPT):
     block_class = InlineBlock
 
 
-EXAMPLE_MODELS = {"nanogpt": NanoGPT, "nanogpt-inline": InlineNanoGPT}
+class RuntimeMaskGPT(NanoGPT):
+    block_class = RuntimeMaskBlock
+
+
+class GatedRuntimeMaskGPT(NanoGPT):
+    block_class = GatedRuntimeMaskBlock
+
+
+EXAMPLE_MODELS = {"nanogpt": NanoGPT, "nanogpt-inline": InlineNanoGPT, "gpt-runtime-mask": RuntimeMaskGPT,
+                  "gpt-runtime-mask-gated": GatedRuntimeMaskGPT}
 
 
 def build_example(name: str = "nanogpt", seed: int = 0, **config_overrides) -> NanoGPT:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .model_io import logits_of
+from .model_io import named_outputs
 
 TRAIN_FILES = (
     "argparse.py", "ast.py", "bisect.py", "calendar.py", "configparser.py", "contextlib.py", "copy.py", "csv.py",
@@ -68,6 +68,6 @@ def perplexity(model: torch.nn.Module, data: torch.Tensor, length: int = 128, ba
     inputs, targets = ids[:-1].view(count, length), ids[1:].view(count, length)
     total = 0.0
     for x, y in progress(zip(inputs.split(batch_size), targets.split(batch_size))):
-        logits = logits_of(model(x))
+        logits = named_outputs(model(x))["logits"]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
     return math.exp(total / targets.numel())

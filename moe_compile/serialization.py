@@ -23,6 +23,7 @@ from safetensors.torch import load_model, save_model
 from .config import MoEConfig
 from .errors import RecipeError
 from .example_models import EXAMPLE_MODELS, GPTConfig, build_example
+from .model_io import ModelInputs
 from .passes import convert
 
 FORMAT = "moe_compile.recipe"
@@ -117,13 +118,13 @@ def read_recipe(directory: PathLike) -> dict[str, Any]:
     return recipe
 
 
-def _example_inputs(recipe: dict[str, Any]) -> Optional[tuple[torch.Tensor, ...]]:
+def _example_inputs(recipe: dict[str, Any]) -> Optional[ModelInputs]:
     """Zeros shaped like the inputs convert searched with (only their shapes matter), or None."""
     specs = recipe.get("example_inputs")
     if specs is None:
         return None
     try:
-        return tuple(torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])) for spec in specs)
+        return ModelInputs.from_spec(specs)
     except (KeyError, TypeError, AttributeError, RuntimeError) as error:
         raise RecipeError(f"load: the recipe's example_inputs are damaged ({type(error).__name__}: {error}). "
                           "Save the model again.") from None

@@ -27,8 +27,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..errors import LoweringError
-from ..model_io import Inputs, LogitsModel, as_input_tuple
+from ..errors import LoweringError, MoECompileError, first_line
+from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelCall, ModelInputs, as_model_inputs, widened
 from ..moe import MoELayer, iter_moe_layers
 from ..passes.rewrite import replace_submodule
 from .ort_moe import OP_NAME, OrtMoE, may_drop, ort_unsupported_reason
@@ -44,14 +44,17 @@ _NODE_LOWERINGS = {"ort": (OP_NAME, ort_unsupported_reason, OrtMoE),
 
 
 def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLike], *, target: str = "portable",
-           dynamic: bool = True, dtype: Optional[torch.dtype] = None, fallback: bool = True, opset: Optional[int] = None) -> ExportReport:
-    """Write `model` (called on `example_inputs`, returning logits) to the ONNX file `path`.
+           dynamic: bool = True, dtype: Optional[torch.dtype] = None, fallback: bool = True,
+           opset: Optional[int] = None) -> ExportReport:
+    """Write `model` (called on `example_inputs`) to the ONNX file `path`; every output tensor of the model becomes
+    an ONNX output named after its field (logits, last_hidden_state, ...; see model_io.named_outputs).
 
-    The model is deep-copied and put in eval mode (and cast to `dtype`, float32 or float16); the caller's model
-    is untouched. With dynamic=True the batch and sequence axes (dims 0 and 1 of every input) are dynamic.
-    fallback=False makes target="ort" or "tensorrt" raise LoweringError for a layer its node (com.microsoft.MoE,
-    moe_compile::moe_ffn) cannot express instead of lowering it portably. opset: the ONNX opset (default: the
-    exporter's).
+    example_inputs: a tensor, tuple or dict of tensors, dims 0 and 1 batch and sequence; only shapes and dtypes
+    matter, so a batch-1 or sequence-1 example is tiled internally. The model is deep-copied and put in eval mode
+    (and cast to `dtype`, float32 or float16, or bfloat16 for target="tensorrt"); the caller's model is untouched.
+    With dynamic=True the batch and sequence axes of every input are dynamic. fallback=False makes target="ort"
+    or "tensorrt" raise LoweringError for a layer its node (com.microsoft.MoE, moe_compile::moe_ffn) cannot express
+    instead of lowering it portably. opset: the ONNX opset (default: the exporter's).
     """
     if target not in TARGETS:
         raise LoweringError(f"export: unknown target {target!r}. Choose one of {', '.join(TARGETS)} "
@@ -62,14 +65,18 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
     if dtype is not None and dtype not in (TRT_DTYPES if target == "tensorrt" else DTYPES):
         also = ", or torch.bfloat16 for target='tensorrt'" if target != "tensorrt" else ", torch.bfloat16"
         raise ValueError(f"export: dtype {dtype} is not supported. Use torch.float32 or torch.float16{also}.")
-    inputs = as_input_tuple(example_inputs, "export")
-    if dynamic and any(size < 2 for t in inputs for size in t.shape[:2]):
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        raise ValueError(f"export: example input shapes {shapes} have a batch or sequence size below 2; torch.export "
-                         "bakes sizes 0 and 1 into the graph, which then fails at other sizes. Export with a batch "
-                         "and sequence of at least 2 (the ONNX file still takes any size).")
+    inputs = as_model_inputs(example_inputs, "export")
+    _check_example(model, inputs)
+    _check_writable(path)
 
     work = copy.deepcopy(model).eval()
+    example = widened(inputs) if dynamic else inputs
+    try:  # eager, before lowering: the output names, and a clear error when the example does not fit the model
+        output_names = list(ModelCall(work).named(example))
+    except Exception as error:  # the model's own code raises; say which inputs it was given
+        raise MoECompileError(f"export: {type(model).__name__} fails on the example inputs ({inputs.describe(model)}): "
+                              f"{first_line(error, 200)} Pass "
+                              f"{EXAMPLE_INPUTS_HELP}.") from None
     if dtype is not None:
         work = work.to(dtype)
     dtype_name = str(dtype or next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32))
@@ -80,20 +87,44 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
         if replacement is not None:
             work = replace_submodule(work, name, replacement)
 
-    names = [f"input_{i}" for i in range(len(inputs))]
-    if len(inputs) == 1:
-        names = ["input" if inputs[0].is_floating_point() else "input_ids"]
     dynamic_shapes = None
     if dynamic:  # dims 0 and 1 (batch, sequence) of every input
-        dynamic_shapes = {"inputs": tuple({i: torch.export.Dim.DYNAMIC for i in range(min(t.dim(), 2))}
-                                          for t in inputs)}
-    with _quiet_exporter():
-        program = torch.onnx.export(LogitsModel(work).eval(), inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                    input_names=names, output_names=["logits"], opset_version=opset,
-                                    verbose=False)
+        axes = lambda t: {i: torch.export.Dim.DYNAMIC for i in range(min(t.dim(), 2))}  # noqa: E731
+        dynamic_shapes = {"args": tuple(axes(t) for t in example.tensors())}
+    with _quiet_exporter():  # keyword inputs travel positionally (see ModelCall)
+        program = torch.onnx.export(ModelCall(work, tuple(example.kwargs)).eval(), tuple(example.tensors()),
+                                    dynamo=True, dynamic_shapes=dynamic_shapes, input_names=inputs.names(model),
+                                    output_names=output_names, opset_version=opset, verbose=False)
     program.save(os.fspath(path))
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
                         opset=_opset_of(program))
+
+
+def _check_example(model: nn.Module, inputs: ModelInputs) -> None:
+    """Every input is [batch, seq, ...]; token ids are integers."""
+    for name, t in zip(inputs.names(model), inputs.tensors()):
+        expected = f"{type(model).__name__}.forward's {name!r}"
+        if t.dim() < 2:
+            raise MoECompileError(f"export: example input {name!r} has shape {list(t.shape)}, but every input must be "
+                                  f"[batch, seq, ...] (token ids: [batch, seq]); add the batch axis ({name}[None]) "
+                                  f"for {expected}.")
+        if (name.endswith("_ids") or name == "idx") and t.is_floating_point():
+            raise MoECompileError(f"export: example input {name!r} is {str(t.dtype).removeprefix('torch.')}, but "
+                                  f"{expected} takes integer token ids [batch, seq] (torch.long). Pass token ids, or "
+                                  "embeddings through the model's embedding input (e.g. inputs_embeds=...).")
+
+
+def _check_writable(path: Union[str, os.PathLike]) -> None:
+    """Fail before the export, not after it, when `path` cannot be written."""
+    target = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(target)
+    problem = ("is a directory" if os.path.isdir(target) else
+               f"its directory {folder!r} does not exist" if not os.path.isdir(folder) else
+               "it is not writable" if os.path.exists(target) and not os.access(target, os.W_OK) else
+               f"its directory {folder!r} is not writable" if not os.access(folder, os.W_OK) else None)
+    if problem:
+        raise MoECompileError(f"export: cannot write the ONNX file {os.fspath(path)!r}: {problem}. Pass a file path "
+                              "in an existing, writable directory.")
 
 
 def _lower(name: str, layer: MoELayer, target: str, fallback: bool) -> tuple[Optional[nn.Module], LayerLowering]:

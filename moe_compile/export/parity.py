@@ -1,7 +1,8 @@
 """check_parity: run an exported ONNX file in ONNX Runtime (CPU), or a TensorRT engine (FILE.engine / FILE.plan,
 built by export.tensorrt.build_engine), and eager PyTorch on the same inputs, and compare.
 
-Per output, with a = ONNX Runtime or TensorRT, b = eager (the model as given, no_grad, eval mode), in float64:
+Every output of the file is compared with the eager output of the same name. Per output, with a = ONNX Runtime
+or TensorRT, b = eager (the model as given, no_grad, eval mode), in float64:
     max_abs  = max |a - b|
     max_rel  = max |a - b| / max |b|           (relative to the output's scale, so near-zero entries do not blow up)
     cosine   = <a, b> / (|a| |b|)              (flattened)
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..model_io import Inputs, LogitsModel, as_input_tuple
+from ..model_io import Inputs, ModelCall, as_model_inputs
 from ..table import format_table
 from .tensorrt import is_engine, run_engine
 
@@ -83,15 +84,16 @@ def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: I
     dtype (default: read from the file's output) picks the tolerance from TOLERANCES; `tolerance`
     overrides it. Check at a batch/sequence shape other than the export's to catch shapes baked into the graph.
     """
-    inputs = as_input_tuple(inputs, "check_parity")
+    inputs = as_model_inputs(inputs, "check_parity")
     if not os.path.isfile(onnx_path):
         raise FileNotFoundError(f"check_parity: no ONNX file at {os.fspath(onnx_path)!r}. Write one with "
                                 "moe_compile.export(model, example_inputs, path).")
     if is_engine(onnx_path):
-        name, value = run_engine(onnx_path, inputs)
-        runtime, got, file_dtype = "TensorRT", value.float().cpu().numpy(), value.dtype
+        engine_outputs = run_engine(onnx_path, inputs.tensors())
+        runtime, file_dtype = "TensorRT", next(iter(engine_outputs.values())).dtype
+        outputs = {name: value.float().cpu().numpy() for name, value in engine_outputs.items()}
     else:
-        runtime, (name, got, file_dtype) = "ONNX Runtime (CPU)", _run_onnxruntime(onnx_path, inputs)
+        runtime, (outputs, file_dtype) = "ONNX Runtime (CPU)", _run_onnxruntime(onnx_path, inputs.tensors())
     dtype = dtype or file_dtype
     if tolerance is None:
         if dtype not in TOLERANCES:
@@ -100,18 +102,22 @@ def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: I
 
     was_training = model.training
     try:
-        with torch.no_grad():
-            reference = LogitsModel(model.eval())(*inputs)
+        reference = ModelCall(model.eval()).named(inputs)
     finally:
         model.train(was_training)
 
     report = ParityReport(onnx_path=os.fspath(onnx_path), dtype=str(dtype).removeprefix("torch."), runtime=runtime)
-    report.outputs.append(compare(name, got, reference.float().cpu().numpy(), tolerance))
+    missing = [name for name in outputs if name not in reference]
+    if missing:
+        raise ValueError(f"check_parity: the outputs {missing} of {os.fspath(onnx_path)!r} are not outputs of "
+                         f"{type(model).__name__} (it returns {list(reference)}); export the same model again.")
+    for name, got in outputs.items():
+        report.outputs.append(compare(name, got, reference[name].float().cpu().numpy(), tolerance))
     return report
 
 
-def _run_onnxruntime(onnx_path, inputs: tuple[torch.Tensor, ...]) -> tuple[str, np.ndarray, torch.dtype]:
-    """(name, value, dtype) of the ONNX file's first output (export writes one, the logits) in ONNX Runtime."""
+def _run_onnxruntime(onnx_path, inputs: list[torch.Tensor]) -> tuple[dict[str, np.ndarray], torch.dtype]:
+    """({name: value} of every output of the ONNX file, the first output's dtype) in ONNX Runtime."""
     try:
         import onnxruntime as ort
     except ImportError as error:
@@ -121,9 +127,10 @@ def _run_onnxruntime(onnx_path, inputs: tuple[torch.Tensor, ...]) -> tuple[str, 
     if len(session_inputs) != len(inputs):
         raise ValueError(f"check_parity: {onnx_path} takes {len(session_inputs)} inputs "
                          f"({', '.join(i.name for i in session_inputs)}), got {len(inputs)}.")
-    outputs = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, inputs)})
-    output = session.get_outputs()[0]
-    return output.name, np.asarray(outputs[0]), _ORT_TYPES.get(output.type, torch.float32)
+    values = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, inputs)})
+    outputs = session.get_outputs()
+    return ({o.name: np.asarray(v) for o, v in zip(outputs, values)},
+            _ORT_TYPES.get(outputs[0].type, torch.float32))
 
 
 def compare(name: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> OutputParity:

@@ -230,9 +230,7 @@ def is_engine(path: Union[str, os.PathLike]) -> bool:
     return Path(path).suffix in ENGINE_SUFFIXES
 
 
-def run_engine(engine_path: Union[str, os.PathLike], inputs: Sequence[torch.Tensor]) -> tuple[str, torch.Tensor]:
-    """(name, value) of the engine's first output on `inputs`: what check_parity compares for an engine file."""
-    runner = TensorRTRunner(engine_path)
-    name = runner.outputs[0]
-    return name, runner(*inputs)[name]
+def run_engine(engine_path: Union[str, os.PathLike], inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: value} of every engine output on `inputs`: what check_parity compares for an engine file."""
+    return TensorRTRunner(engine_path)(*inputs)
 

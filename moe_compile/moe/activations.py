@@ -3,6 +3,7 @@
 gelu       x * Phi(x)                                  (erf form, torch's default)
 gelu_tanh  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  (GPT-2's "gelu_new")
 relu       max(x, 0)
+relu2      max(x, 0)^2                                 (squared ReLU: Primer, Nemotron, Arcee, BitNet)
 silu       x * sigmoid(x)                              (SwiGLU's gate activation)
 """
 
@@ -17,6 +18,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),
     "silu": F.silu,
 }
 

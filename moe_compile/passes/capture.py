@@ -1,4 +1,10 @@
-"""Capture: which modules to trace, and their torch.fx graphs with every direct child left opaque.
+"""Capture: which modules to trace, and their graphs.
+
+    trace           a candidate's torch.fx graph, every direct child left opaque (call_module nodes)
+    record_calls    the arguments each of some modules receives in one forward of the whole model
+    export_module   a module torch.fx cannot trace, as its torch.export (ATen) graph on recorded arguments:
+                    a GraphModule holding the module's own parameters, dynamic in every axis its code does not fix
+                    (batch, sequence), its dropouts nn.Dropout modules so that they follow train() / eval()
 
 A module is a candidate when at least two of its direct children are projections (a module that computes
 x W^T + b). Candidates are visited children first, so an FFN is found in the smallest module that holds it,
@@ -9,12 +15,20 @@ transformers' Conv1D (weight stored [in, out]) are both found.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from ..model_io import ModelCall, ModelInputs
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # (args, kwargs)
 
 
 @dataclass
@@ -91,3 +105,81 @@ class _ChildrenAsLeaves(fx.Tracer):
 def trace(module: nn.Module) -> fx.Graph:
     """The module's fx graph; raises whatever torch.fx raises when its forward does not trace."""
     return _ChildrenAsLeaves().trace(module)
+
+
+def record_calls(model: nn.Module, inputs: ModelInputs, modules: dict[str, nn.Module]) -> dict[str, Call]:
+    """(args, kwargs) of the first call of each of `modules` (by name) in one forward of `model` on `inputs`."""
+    calls: dict[str, Call] = {}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.setdefault(name, (args, kwargs))
+        return record
+
+    hooks = [module.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            ModelCall(model)(*inputs.args, **inputs.kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def export_module(module: nn.Module, call: Call) -> fx.GraphModule:
+    """`module`'s torch.export graph on the recorded call (exported in eval mode; raises what torch.export raises).
+
+    Keyword arguments without tensors that reach the forward's **kwargs (transformers passes flags such as
+    use_cache so) are bound as constants for the export, and dropped from later calls by a forward pre-hook."""
+    args, kwargs = call
+    signature = inspect.signature(module.forward)
+    named = {name for name, p in signature.parameters.items() if p.kind != p.VAR_KEYWORD}
+    constants = {k: v for k, v in kwargs.items()
+                 if k not in named and not any(isinstance(t, torch.Tensor) for t in tree_leaves(v))}
+    kwargs = {k: v for k, v in kwargs.items() if k not in constants}
+
+    def any_size(value: Any) -> Optional[dict]:  # every axis of a tensor, as torch.export finds it; others fixed
+        return {axis: torch.export.Dim.AUTO for axis in range(value.dim())} if isinstance(value, torch.Tensor) else None
+
+    bound = signature.bind(*args, **kwargs).arguments
+    dynamic_shapes = {name: tree_map(any_size, value) for name, value in bound.items()}
+    was_training = module.training
+    module.forward = functools.partial(module.forward, **constants)
+    logger, level = logging.getLogger("torch._export"), logging.getLogger("torch._export").level
+    logger.setLevel(logging.ERROR)  # silence its notes on axes of size 1 kept static, which are as intended
+    try:
+        program = torch.export.export(module.eval(), args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    finally:
+        del module.forward
+        module.train(was_training)
+        logger.setLevel(level)
+    graph_module = program.module()
+    _dropouts_as_modules(graph_module)
+    captured = fx.GraphModule(graph_module, graph_module.graph, class_name=type(module).__name__)
+    if constants:
+        captured.register_forward_pre_hook(DropKeywords(sorted(constants)), with_kwargs=True)
+    return captured.train(was_training)
+
+
+class DropKeywords:
+    """A forward pre-hook that drops the keyword arguments a captured graph holds as constants."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {k: v for k, v in kwargs.items() if k not in self.names}
+
+
+def _dropouts_as_modules(graph_module: fx.GraphModule) -> None:
+    """aten.dropout(x, p, train=False), recorded in eval mode, -> a call to nn.Dropout(p), which follows train()."""
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.dropout.default:
+            name = f"dropout_{node.name}"
+            graph_module.add_submodule(name, nn.Dropout(node.args[1]))
+            with graph_module.graph.inserting_before(node):
+                replacement = graph_module.graph.call_module(name, (node.args[0],))
+            replacement.meta = dict(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph_module.graph.erase_node(node)
+    graph_module.recompile()

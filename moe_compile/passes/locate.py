@@ -1,14 +1,19 @@
-"""Locate: FFN sites inside modules that torch.fx cannot trace, found in one whole-model torch.export graph.
+"""Locate: FFN sites the per-module torch.fx search cannot see, found in one whole-model torch.export graph.
 
 torch.export runs the model on example inputs and records each ATen op with the module it ran in
-(`nn_module_stack`), so it sees through forwards that fx cannot trace (KV caches, tuple unpacking, mask
-helpers). The same FFN patterns are matched on that graph. A plain FFN whose three steps are three child-module
-calls of one block, each module used once, is rewritten without touching the block's forward:
+(`nn_module_stack`), so it sees through forwards that fx cannot trace (KV caches, mask helpers, sizes read at run
+time) and across module boundaries: an FFN whose projections live in sibling modules (BERT's intermediate.dense
+and output.dense) is found in their common parent. The same FFN patterns are matched on that graph. Each located
+FFN belongs to a block, the innermost module whose forward runs all of its ops, and is rewritten one of two ways:
 
-    block.up(x) -> block.act(.) -> block.down(.)    ->    block.up = MoE, block.act = block.down = Identity
-
-Gated FFNs and activations computed in the block's own code would need that code to change: they are
-reported with the reason, not rewritten.
+    module chain   every step up -> act -> down is the only op of its own module, used once: up becomes the MoE
+                   layer, the other steps nn.Identity; every forward's code (residuals, LayerNorms, trailing
+                   dropout, KV caches) runs as before. A dropout between act and down that is a module of its own
+                   becomes nn.Identity too; one written in the forward (BART's F.dropout) then acts on the MoE
+                   output (in training only; the report says so).
+    capture        anything else (a functional or gated activation written in the block's forward): the pipeline
+                   captures the block with torch.export on the arguments it receives (capture.export_module) and
+                   rewrites that graph like an inline fx site.
 """
 
 from __future__ import annotations
@@ -21,72 +26,97 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..model_io import Inputs, LogitsModel, as_input_tuple
+from ..errors import first_line
+from ..model_io import ModelCall, ModelInputs
 from .patterns import FFNMatch, check_match, match_ffns, module_path
 
-_WRAPPER = "model."  # LogitsModel holds the model as `model`
+_WRAPPER = "model"  # ModelCall holds the model as `model`
 
 
 @dataclass
 class ModuleChain:
-    """An FFN made of three child modules of `block`, called one after the other."""
+    """An FFN whose steps are modules called one after the other: `up` (qualified name) and the rest."""
 
-    block: str
-    up: str  # attribute names within the block
-    act: str
-    down: str
+    up: str
+    others: list[str]
+    dropout_stays: bool = False  # a dropout between act and down, written in the forward, stays in place
 
 
 @dataclass
 class LocatedFFN:
-    match: FFNMatch  # on the exported graph; its projections hold the model's own weights
-    block: str  # qualified name of the block whose forward computes the FFN
-    name: str  # "<block>:<up>..<down>", as inline sites are named
-    chain: Optional[ModuleChain]  # how to rewrite it, when it can be
-    reason: Optional[str]  # why it cannot be rewritten
+    match: FFNMatch  # on the whole-model graph; its projections hold the model's own weights
+    block: str  # qualified name of the innermost module whose forward runs the whole FFN
+    steps: dict[str, str]  # role (up, gate, down) -> qualified name of the module it ran in
+    chain: Optional[ModuleChain]  # set when the FFN can be rewritten as a module chain
+    reason: Optional[str]  # why it cannot be rewritten at all
+
+    @property
+    def name(self) -> str:
+        """'<block>:<up>..<down>', the steps relative to the block, as inline sites are named."""
+        up, down = (relative(self.steps[role], self.block) for role in ("up", "down"))
+        return f"{self.block}:{up}..{down}"
 
 
-def locate_ffns(model: nn.Module, example_inputs: Inputs, blocks: set[str]) -> tuple[list[LocatedFFN], Optional[str]]:
-    """FFNs whose block is one of `blocks` (modules fx could not trace); (sites, None) or ([], why export failed)."""
-    inputs = as_input_tuple(example_inputs, "convert(example_inputs=...)")
+def locate_ffns(model: nn.Module, inputs: ModelInputs,
+                covered: set[str]) -> tuple[list[LocatedFFN], Optional[str]]:
+    """FFNs whose up projection is not in `covered` (qualified names of projections already found by torch.fx);
+    (sites, None), or ([], why torch.export failed)."""
     try:
         with torch.no_grad():
-            program = torch.export.export(LogitsModel(model), inputs, strict=False)
+            program = torch.export.export(ModelCall(model), inputs.args, inputs.kwargs, strict=False)
     except Exception as error:  # torch.export raises many kinds; each means "this model did not export"
-        return [], f"torch.export failed ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]})"
+        return [], f"torch.export failed ({first_line(error)})"
     graph_module = program.module()
     ops_per_module = Counter(_owner(n) for n in graph_module.graph.nodes if n.op == "call_function")
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    found = []
+    found, seen = [], set()
     for match in match_ffns(graph_module, graph_module.graph):
-        block = _owner(match.up).rpartition(".")[0]
-        if block not in blocks:
+        steps = {role: _owner(getattr(match, role)) for role in ("up", "gate", "down") if getattr(match, role)}
+        if steps["up"] in covered or tuple(steps.values()) in seen:  # a module shared by layers runs many times
             continue
-        chain, reason = _module_chain(model, match, block, ops_per_module, uses)
-        up, down = (_owner(node).rpartition(".")[2] for node in (match.up, match.down))
-        found.append(LocatedFFN(match, block, f"{block}:{up}..{down}", chain, check_match(match) or reason))
+        seen.add(tuple(steps.values()))
+        block = _common_parent([_owner(node) for node in match.nodes])
+        chain = _module_chain(model, match, ops_per_module, uses)
+        found.append(LocatedFFN(match, block, steps, chain, check_match(match)))
     return found, None
+
+
+def relative(path: str, block: str) -> str:
+    """`path` relative to the module `block` ('' for the block itself)."""
+    return path if not block else path.removeprefix(block).removeprefix(".")
 
 
 def _owner(node: fx.Node) -> str:
     """Qualified name, in the user's model, of the module a node ran in."""
-    return module_path(node)[0].removeprefix(_WRAPPER)
+    path = module_path(node)[0]
+    return "" if path == _WRAPPER else path.removeprefix(_WRAPPER + ".")
 
 
-def _module_chain(model: nn.Module, match: FFNMatch, block: str, ops_per_module: Counter,
-                  uses: Counter) -> tuple[Optional[ModuleChain], Optional[str]]:
+def _common_parent(paths: list[str]) -> str:
+    """The innermost module that contains every module of `paths` (the longest common prefix of their names)."""
+    common = []
+    for names in zip(*(p.split(".") if p else [] for p in paths)):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
+
+
+def _module_chain(model: nn.Module, match: FFNMatch, ops_per_module: Counter,
+                  uses: Counter) -> Optional[ModuleChain]:
+    """The chain up -> act [-> dropout] -> down, when each step is the one op of a childless module used once (a
+    dropout written in the forward is left where it is)."""
     if match.gated:
-        return None, f"gated FFN computed in {block}'s own forward, which torch.fx cannot trace"
-    owners = {role: _owner(node) for role, node in (("up", match.up), ("act", match.act), ("down", match.down))}
-    if owners["act"] == block:
-        return None, (f"its activation is computed in {block}'s own forward, which torch.fx cannot trace; "
-                      "make it a child module (e.g. nn.GELU()) or give the FFN its own submodule")
-    outside = [path for path in owners.values() if path.rpartition(".")[0] != block]
-    if outside:
-        return None, f"{', '.join(outside)} are not child modules of {block}"
-    reused = [path for path in owners.values()
-              if ops_per_module[path] != 1 or uses[id(model.get_submodule(path))] != 1]
-    if reused:
-        return None, f"{', '.join(reused)} also run elsewhere, so they cannot be replaced"
-    up, act, down = (owners[role].rpartition(".")[2] for role in ("up", "act", "down"))
-    return ModuleChain(block, up, act, down), None
+        return None
+    dropout = match.hidden_dropout
+    if dropout is not None and ops_per_module[_owner(dropout)] != 1:
+        dropout = None  # functional, in the block's own code: it stays, and then acts on the MoE output
+    steps = [_owner(n) for n in (match.up, match.act, dropout, match.down) if n is not None]
+    if len(set(steps)) != len(steps) or "" in steps:
+        return None
+    ops = {path: 1 for path in steps} | {_owner(match.act): 1 + len(match.act_region)}
+    for path in steps:
+        module = model.get_submodule(path)
+        if ops_per_module[path] != ops[path] or uses[id(module)] != 1 or next(module.children(), None) is not None:
+            return None
+    return ModuleChain(steps[0], steps[1:], dropout_stays=dropout is not match.hidden_dropout)

@@ -1,13 +1,16 @@
 """FFN patterns over a torch.fx graph, as node predicates.
 
-    plain   x -> up -> act -> down [-> dropout]                 ->  MoE(x)
+    plain   x -> up -> act [-> dropout] -> down [-> dropout]            ->  MoE(x)
     gated   x -> gate -> act --\
-            x -> up -----------* -> down [-> dropout]           ->  MoE(x)
+            x -> up -----------* [-> dropout] -> down [-> dropout]      ->  MoE(x)
+            (gate and up may be the two halves of one fused projection, chunked along the last axis: Phi-3, GLM)
 
 where up, gate and down are projections (nn.Linear, Conv1D, ...), act is any node that computes a known
 activation (a module such as nn.GELU or NewGELUActivation, F.gelu(..., approximate=...), F.silu, x.relu(), ...)
-and dropout an nn.Dropout module or F.dropout. Matching (`match_ffns`) finds the anchor shape; checking
-(`check_match`) says why a match cannot be rewritten; neither changes the graph.
+and dropout an nn.Dropout module, F.dropout or aten.dropout. A dropout on the hidden activations (T5, BART) acts
+only in training and MoE experts have none: the report says whether the rewrite drops it or leaves it acting on the
+FFN output. Matching (`match_ffns`) finds the anchor shape; checking (`check_match`) says why a match cannot be
+rewritten; neither changes the graph.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class FFNMatch:
     output: fx.Node  # the last node replaced: down, or the dropout after it
     gate: Optional[fx.Node] = None
     mul: Optional[fx.Node] = None
+    hidden_dropout: Optional[fx.Node] = None  # a dropout between act (or act * up) and down
+    act_region: list[fx.Node] = field(default_factory=list)  # an activation module's ATen ops, `act` the last
+    halves: list[fx.Node] = field(default_factory=list)  # a fused gate_up projection's chunk and getitem nodes
     dropout: float = 0.0
     activation: str = ""
     projections: dict[str, Projection] = field(default_factory=dict)
@@ -47,7 +53,8 @@ class FFNMatch:
     @property
     def nodes(self) -> list[fx.Node]:
         """Every node the rewrite replaces, in graph order."""
-        inner = [self.up, self.gate, self.act, self.mul, self.down, self.output]
+        inner = [self.up, self.gate, *self.halves, *self.act_region, self.act, self.mul, self.hidden_dropout,
+                 self.down, self.output]
         unique = {id(n): n for n in inner if n is not None}
         order = {n: i for i, n in enumerate(self.down.graph.nodes)}
         return sorted(unique.values(), key=order.__getitem__)
@@ -56,7 +63,10 @@ class FFNMatch:
     def pattern(self) -> str:
         kind = self.projections["up"].kind
         act = self.activation
-        core = f"{kind}(gate) -> {act} * {kind}(up) -> {kind}(down)" if self.gated else f"{kind} -> {act} -> {kind}"
+        hidden = " -> Dropout" if self.hidden_dropout is not None else ""
+        gate, up = ("gate", "up") if self.gate is not self.up else ("gate half", "up half")
+        core = (f"{kind}({gate}) -> {act} * {kind}({up}){hidden} -> {kind}(down)" if self.gated
+                else f"{kind} -> {act}{hidden} -> {kind}")
         return core + (" -> Dropout" if self.output is not self.down else "")
 
     def dense_ffn(self) -> DenseFFN:
@@ -98,6 +108,48 @@ def _attr(root: nn.Module, target: str) -> torch.Tensor:
     return functools.reduce(getattr, target.split("."), root)
 
 
+def _activation_input(node: fx.Node, root: nn.Module) -> Optional[tuple[str, fx.Node, list[fx.Node]]]:
+    """(activation, its input node, the ATen nodes before `node` that compute it) when `node` computes a known
+    activation of one tensor: on its own (a module call, F.gelu, aten.gelu), or as the last of the ATen ops of an
+    activation module recorded by torch.export (transformers' NewGELUActivation: pow, mul, add, tanh, ...)."""
+    activation = _activation(node, root)
+    if activation is not None:
+        return activation, node.all_input_nodes[0], []
+    region = _module_region(node)
+    if not region:
+        return None
+    inputs = {a for n in region for a in n.all_input_nodes if a not in region}
+    if len(inputs) != 1:
+        return None
+    (source,) = inputs
+    graph = fx.Graph()
+    env = {source: graph.placeholder("x")}
+    for n in sorted(region, key=list(node.graph.nodes).index):
+        env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output(env[node])
+    activation = identify_activation(fx.GraphModule(nn.Module(), graph))
+    return (activation, source, [n for n in region if n is not node]) if activation else None
+
+
+def _module_region(node: fx.Node) -> Optional[set[fx.Node]]:
+    """`node` and the nodes feeding it that ran in the same (innermost) module, in a torch.export graph; None
+    when that module holds weights (get_attr) or is not recorded."""
+    path = module_path(node)[0]
+    if not path or node.op != "call_function":
+        return None
+    region, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in region:
+            continue
+        if n.op == "get_attr":
+            return None
+        region.add(n)
+        todo += [a for a in n.all_input_nodes if a.op != "placeholder" and module_path(a)[0] == path]
+    users_outside = [n for n in region if n is not node and any(u not in region for u in n.users)]
+    return None if users_outside or len(region) < 2 else region
+
+
 def _activation(node: fx.Node, root: nn.Module) -> Optional[str]:
     """The activation a node computes of its single tensor input, found by evaluating it on a probe."""
     tensor_inputs = [a for a in node.all_input_nodes]
@@ -137,10 +189,16 @@ def match_ffns(gm_root: nn.Module, graph: fx.Graph) -> list[FFNMatch]:
         down_proj = _projection(down, gm_root)
         if down_proj is None:
             continue
-        h = down.args[0]
+        h = hidden_dropout = down.args[0]
+        if not isinstance(h, fx.Node):
+            continue
+        if _dropout(h, gm_root) is not None and h.args and isinstance(h.args[0], fx.Node):
+            h = h.args[0]
         match = _match_plain(h, down, gm_root) or _match_gated(h, down, gm_root)
         if match is None:
             continue
+        if hidden_dropout is not h:
+            match.hidden_dropout = hidden_dropout
         match.projections["down"] = down_proj
         users = list(down.users)
         if len(users) == 1 and (p := _dropout(users[0], gm_root)) is not None:
@@ -150,31 +208,76 @@ def match_ffns(gm_root: nn.Module, graph: fx.Graph) -> list[FFNMatch]:
 
 
 def _match_plain(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatch]:
-    activation = _activation(h, root)
-    if activation is None:
+    found = _activation_input(h, root)
+    if found is None:
         return None
-    up = h.all_input_nodes[0]
+    activation, up, region = found
     up_proj = _projection(up, root)
     if up_proj is None:
         return None
     return FFNMatch(input=up.args[0], up=up, down=down, act=h, output=down, activation=activation,
-                    projections={"up": up_proj})
+                    projections={"up": up_proj}, act_region=region)
 
 
 def _match_gated(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatch]:
     if not _is_mul(h) or len(h.args) != 2 or not all(isinstance(a, fx.Node) for a in h.args):
         return None
     for act, up in (h.args, h.args[::-1]):
-        activation = _activation(act, root)
-        if activation is None:
+        found = _activation_input(act, root)
+        if found is None:
             continue
-        gate = act.all_input_nodes[0]
+        activation, gate, region = found
+        fused = _fused_halves(gate, up, root)
+        if fused is not None:
+            projection, gate_proj, up_proj, halves = fused
+            return FFNMatch(input=projection.args[0], up=projection, down=down, act=act, output=down,
+                            gate=projection, mul=h, activation=activation, act_region=region, halves=halves,
+                            projections={"up": up_proj, "gate": gate_proj})
         gate_proj, up_proj = _projection(gate, root), _projection(up, root)
         if gate_proj is None or up_proj is None or gate.args[0] is not up.args[0]:
             continue
         return FFNMatch(input=up.args[0], up=up, down=down, act=act, output=down, gate=gate, mul=h,
-                        activation=activation, projections={"up": up_proj, "gate": gate_proj})
+                        activation=activation, projections={"up": up_proj, "gate": gate_proj}, act_region=region)
     return None
+
+
+def _fused_halves(gate: fx.Node, up: fx.Node,
+                  root: nn.Module) -> Optional[tuple[fx.Node, Projection, Projection, list[fx.Node]]]:
+    """(fused projection node, gate half, up half, the chunk and getitem nodes) when gate and up are the two
+    halves of one projection's output: p(x).chunk(2, -1), or torch.split(p(x), f, -1)."""
+    halves = []
+    for node in (gate, up):
+        if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
+            return None
+        halves.append((node.args[0], node.args[1]))
+    (split, i_gate), (other, i_up) = halves
+    if split is not other or {i_gate, i_up} != {0, 1} or not split.args or not isinstance(split.args[0], fx.Node):
+        return None
+    projection_node = split.args[0]
+    projection = _projection(projection_node, root)
+    if projection is None or projection.out_features % 2 or not _halves_last_axis(split, projection.out_features):
+        return None
+    width = projection.out_features // 2
+
+    def half(i: int) -> Projection:
+        rows = slice(i * width, (i + 1) * width)
+        bias = None if projection.bias is None else projection.bias[rows]
+        return Projection(projection.weight[rows], bias, projection.kind)
+
+    return projection_node, half(i_gate), half(i_up), [split, gate, up]
+
+
+def _halves_last_axis(split: fx.Node, out_features: int) -> bool:
+    """Whether `split` cuts its input into two equal halves along the last axis."""
+    args, kwargs = list(split.args[1:]), dict(split.kwargs)
+    dim = kwargs.pop("dim", args.pop(1) if len(args) > 1 else 0)
+    if dim not in (-1, 2) or not args:
+        return False
+    if split.target in ("chunk", torch.chunk, _aten.chunk.default):
+        return args[0] == 2
+    if split.target in ("split", torch.split, _aten.split.Tensor, _aten.split_with_sizes.default):
+        return args[0] in (out_features // 2, [out_features // 2] * 2)
+    return False
 
 
 def check_match(match: FFNMatch) -> Optional[str]:

@@ -1,8 +1,11 @@
 """The FFN -> MoE pipeline, in the order it runs:
 
     1. capture   trace every candidate module (>= 2 projection children), children before parents
-    2. match     find plain and gated FFN patterns in each graph; with example inputs, also in one whole-model
-                 torch.export graph for the candidates fx could not trace (locate.py)
+    2. match     find plain and gated FFN patterns in each graph; when projections remain that fx did not see
+                 (in blocks it cannot trace, or split over sibling modules), also in one whole-model torch.export
+                 graph on example inputs (the user's, or a transformers model's own), which locates each FFN's
+                 block (locate.py); a block whose FFN is not a chain of modules is captured with torch.export on
+                 the arguments it receives in one forward (capture.py) and matched again
     3. check     keep the matches that can be rewritten, with the reason for each one that cannot
     4. validate  check the config against every site before anything changes (e.g. d_ff % E for split)
     5. calibrate with calibration data: record a sample of each site's inputs on the dense model (calibrate.py)
@@ -16,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -24,13 +28,13 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import MoEConfig
-from ..errors import NoFFNFoundError
-from ..model_io import Inputs, as_input_tuple
-from ..moe import SiteCalibration, build_moe_layer
+from ..errors import MoECompileError, NoFFNFoundError, first_line
+from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelInputs, as_model_inputs, default_inputs, widened
+from ..moe import MoELayer, SiteCalibration, build_moe_layer
 from .calibrate import distill, record_ffn_inputs
-from .capture import candidate_modules, trace
-from .locate import ModuleChain, locate_ffns
-from .patterns import FFNMatch, check_match, match_ffns
+from .capture import as_projection, candidate_modules, export_module, record_calls, trace
+from .locate import LocatedFFN, ModuleChain, locate_ffns, relative
+from .patterns import FFNMatch, check_match, match_ffns, module_path
 from .report import ConversionReport, ModuleNote, SiteReport
 from .rewrite import covers_whole_module, replace_submodule, rewrite_inline, rewrite_module_chain
 
@@ -42,24 +46,26 @@ SEARCHED_FOR = ("Linear/Conv1D -> activation -> Linear/Conv1D [-> Dropout] and g
 class _Site:
     module_name: str
     module: nn.Module
-    graph: Optional[fx.Graph]  # the module's fx graph; None for a site located with torch.export
+    graph: Optional[fx.Graph]  # the module's fx graph (torch.fx, or torch.export for a captured block); None: chain
     match: FFNMatch
     whole_module: bool
     report: SiteReport
     chain: Optional[ModuleChain] = None  # how a located site is rewritten
+    captured: bool = False  # module and graph are the block's torch.export capture
 
 
-def _scan(model: nn.Module, example_inputs: Optional[Inputs]) -> tuple[list[_Site], list[ModuleNote]]:
-    """Steps 1-3: every FFN site, with a report for each, and a note for each searched module without one."""
-    sites, notes, untraceable = [], [], set()
+def _scan(model: nn.Module, inputs: Optional[ModelInputs], given: bool) -> tuple[list[_Site], list[ModuleNote]]:
+    """Steps 1-3: every FFN site, with a report for each, and a note for each searched module without one.
+
+    given: the user passed the inputs, so search every projection fx did not see, even square ones."""
+    sites, notes, traced = [], [], set()
     for name, module in candidate_modules(model):
         try:
             graph = trace(module)
         except Exception as error:  # torch.fx raises many kinds; each means "not traceable"
-            first_line = (str(error).strip().splitlines() or [""])[0][:160]
-            notes.append(ModuleNote(name, f"not traceable with torch.fx ({type(error).__name__}: {first_line})"))
-            untraceable.add(name)
+            notes.append(ModuleNote(name, f"not traceable with torch.fx ({first_line(error)})"))
             continue
+        traced.add(name)
         matches = match_ffns(module, graph)
         if not matches:
             notes.append(ModuleNote(name, "traced; no FFN pattern"))
@@ -68,16 +74,85 @@ def _scan(model: nn.Module, example_inputs: Optional[Inputs]) -> tuple[list[_Sit
             site_name = name if whole else f"{name}:{match.up.target}..{match.down.target}".lstrip(":")
             report = _site_report(site_name, name, match, check_match(match))
             sites.append(_Site(name, module, graph, match, whole, report))
-    if untraceable and example_inputs is not None:
-        located, failure = locate_ffns(model, example_inputs, untraceable)
-        if failure:
-            notes.append(ModuleNote("", failure))
-        for found in located:
-            report = _site_report(found.name, found.block, found.match, found.reason,
-                                  "located with torch.export (torch.fx cannot trace the block)")
+    if not _unsearched_projections_could_form_ffn(model, traced, square=given):
+        return sites, notes
+    if inputs is None:
+        notes.append(ModuleNote("", "projections that torch.fx could not see (in modules it cannot trace, or in "
+                                    f"sibling modules) were not searched: pass {EXAMPLE_INPUTS_HELP}"))
+        return sites, notes
+    covered = {_join(s.module_name, node.target) for s in sites for node in (s.match.up, s.match.gate, s.match.down)
+               if node is not None}
+    located, failure = locate_ffns(model, inputs, covered)
+    if failure:
+        notes.append(ModuleNote("", failure))
+    fx_modules = {s.module_name for s in sites}
+    to_capture = {f.block for f in located if f.chain is None and f.reason is None}
+    held = {block: next((m for m in fx_modules if _inside(m, block)), None) for block in to_capture}
+    captured = _capture(model, widened(inputs), {b for b in to_capture if held[b] is None})
+    for found in located:
+        if found.block in to_capture:
+            sites.append(_captured_site(model, found, captured.get(found.block) or
+                                        f"{found.block} also holds {held[found.block]}, which torch.fx rewrites"))
+        else:
+            report = _site_report(found.name, found.block, found.match, found.reason, "located with torch.export")
             sites.append(_Site(found.block, model.get_submodule(found.block), None, found.match, False, report,
                                found.chain))
     return sites, notes
+
+
+def _captured_site(model: nn.Module, found: LocatedFFN, captured: Union[fx.GraphModule, str]) -> _Site:
+    """The located FFN as a site of its block's torch.export graph, or skipped with the reason it cannot be."""
+    block = model.get_submodule(found.block)
+    steps = {role: relative(path, found.block) for role, path in found.steps.items()}
+    match = None
+    if isinstance(captured, fx.GraphModule):
+        match = next((m for m in match_ffns(captured, captured.graph)
+                      if {role: module_path(getattr(m, role))[0] for role in steps} == steps), None)
+        captured = captured if match is not None else f"not found again in the torch.export graph of {found.block}"
+    if match is None:
+        report = _site_report(found.name, found.block, found.match, found.reason or captured)
+        return _Site(found.block, block, None, found.match, False, report)
+    note = f"captured {found.block or '<root>'} with torch.export (torch.fx cannot trace it)"
+    report = _site_report(found.name, found.block, match, found.reason or check_match(match), note)
+    return _Site(found.block, captured, captured.graph, match, False, report, captured=True)
+
+
+def _capture(model: nn.Module, inputs: ModelInputs, blocks: set[str]) -> dict[str, Union[fx.GraphModule, str]]:
+    """Each block's torch.export graph on the arguments it receives in one forward, or why there is none."""
+    if not blocks:
+        return {}
+    modules = {block: model.get_submodule(block) for block in blocks}
+    try:
+        calls = record_calls(model, inputs, modules)
+    except Exception as error:  # the model's own code raised on the widened example
+        return {block: f"the model failed on the example inputs ({first_line(error)})" for block in blocks}
+    captured: dict[str, Union[fx.GraphModule, str]] = {}
+    for block, module in modules.items():
+        if block not in calls:
+            captured[block] = f"{block} is not called by the model's forward"
+            continue
+        try:
+            captured[block] = export_module(module, calls[block])
+        except Exception as error:  # torch.export raises many kinds; each means "this block did not export"
+            captured[block] = f"torch.export of {block} failed ({first_line(error)})"
+    return captured
+
+
+def _unsearched_projections_could_form_ffn(model: nn.Module, traced: set[str], square: bool) -> bool:
+    """Whether two projections outside every fx-traced module have FFN shapes (up d -> f, down f -> d); with
+    square=False, d != f (an attention's d -> d query and output projections alone do not start a search)."""
+    searched = {id(child) for name in traced for child in model.get_submodule(name).children()}
+    shapes = Counter((p.in_features, p.out_features) for m in model.modules()
+                     if id(m) not in searched and (p := as_projection(m)) is not None)
+    return any(shapes[(out, inp)] > (out == inp) for inp, out in shapes if square or inp != out)
+
+
+def _inside(path: str, block: str) -> bool:
+    return not block or path == block or path.startswith(block + ".")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _site_report(name: str, module: str, match: FFNMatch, skip_reason: Optional[str], note: str = "") -> SiteReport:
@@ -90,9 +165,9 @@ def _site_report(name: str, module: str, match: FFNMatch, skip_reason: Optional[
 def find_ffn_blocks(model: nn.Module, example_inputs: Optional[Inputs] = None) -> ConversionReport:
     """Detection only: the FFN sites of `model` and why each searched module has none. Changes nothing.
 
-    example_inputs (e.g. token ids): also search the modules torch.fx cannot trace, in a torch.export graph.
+    example_inputs: as for convert.
     """
-    sites, notes = _scan(model, example_inputs)
+    sites, notes = _scan(model, _search_inputs(model, example_inputs), given=example_inputs is not None)
     return ConversionReport(sites=[s.report for s in sites], notes=notes)
 
 
@@ -101,14 +176,15 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
             weights_follow: bool = False) -> nn.Module:
     """A copy of `model` (or `model` itself with inplace=True) whose dense FFNs are MoE layers.
 
-    example_inputs (e.g. token ids [batch, seq]) let the pass also find FFNs inside modules that torch.fx cannot
-    trace, with one torch.export of the whole model; only their shapes matter. calibration_data: batches (token
-    id tensors, tuples of positional arguments or dicts of keyword arguments) the model is run on to build split
-    experts from activations; the config's unset data-dependent fields then take their calibrated defaults
-    (MoEConfig.with_calibration). weights_follow=True builds only the layout that saved weights are loaded into
-    next (moe_compile.load), with no calibration data. The ConversionReport is attached as `.moe_report`.
-    Deterministic for a given config.seed. Raises NoFFNFoundError, naming what was searched for, when there is
-    nothing to convert.
+    example_inputs (e.g. token ids [batch, seq], or a dict of keyword inputs): one forward on them records how
+    the blocks torch.fx cannot trace are called, so that their FFNs are found and rewritten with torch.export;
+    only their shapes and dtypes matter. A transformers model brings its own (`dummy_inputs`). calibration_data:
+    batches (token id tensors, tuples of positional arguments or dicts of keyword arguments) the model is run on
+    to build split experts from activations; the config's unset data-dependent fields then take their calibrated
+    defaults (MoEConfig.with_calibration). weights_follow=True builds only the layout that saved weights are
+    loaded into next (moe_compile.load), with no calibration data. The ConversionReport is attached as
+    `.moe_report`. Deterministic for a given config.seed. Raises NoFFNFoundError, naming what was searched for,
+    when there is nothing to convert.
     """
     config = config if config is not None else MoEConfig()
     if not isinstance(config, MoEConfig):
@@ -116,21 +192,26 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
                         "Build one with moe_compile.MoEConfig(num_experts=..., routing=...).")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}.")
-    inputs = None if example_inputs is None else as_input_tuple(example_inputs, "convert(example_inputs=...)")
+    already = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    if already:
+        raise MoECompileError(f"convert: {type(model).__name__} is already converted ({len(already)} MoE layers: "
+                              f"{', '.join(already[:3])}{', ...' if len(already) > 3 else ''}). Train or export it "
+                              "as it is, or convert the dense model it came from.")
+    given = None if example_inputs is None else as_model_inputs(example_inputs, "convert(example_inputs=...)")
     batches = None if calibration_data is None else list(calibration_data)
     if batches is not None:
         config = config.with_calibration()
     elif not weights_follow:
         config.check_calibration(has_data=False)
     target = model if inplace else copy.deepcopy(model)
-    sites, notes = _scan(target, inputs)
+    sites, notes = _scan(target, _search_inputs(target, given), given=given is not None)
     todo = [s for s in sites if s.report.action == "found"]
     if not todo:
         report = ConversionReport(sites=[s.report for s in sites], notes=notes, config=config)
         raise NoFFNFoundError(f"convert: found no dense FFN to convert in {type(model).__name__}. Searched for "
                               f"{SEARCHED_FOR}.\n{report.table()}\nIf the FFN is inside a module that does not "
-                              "trace, pass example_inputs=(token_ids,) to search it with torch.export, give its MLP "
-                              "its own submodule, or convert that submodule directly.")
+                              f"trace, pass {EXAMPLE_INPUTS_HELP}; or give its MLP its own submodule, or convert that "
+                              "submodule directly.")
     for site in todo:
         config.check_ffn_width(site.report.d_ff, site.report.name)
     if config.routing == "expert_choice":
@@ -158,19 +239,24 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
         first = pairs[0][0]
         if first.chain is not None:
             for site, layer in pairs:
-                rewrite_module_chain(site.module, site.chain, layer)
-                site.report.reason = (f"located with torch.export; {module_name}.{site.chain.up} is now the MoELayer, "
-                                      f"{site.chain.act} and {site.chain.down} are identities")
+                rewrite_module_chain(target, site.chain, layer)
+                site.report.reason = (f"located with torch.export; {site.chain.up} is now the MoELayer, "
+                                      f"{' and '.join(site.chain.others)} identities")
         elif len(pairs) == 1 and first.whole_module:
             target = replace_submodule(target, module_name, pairs[0][1])
             first.report.reason = f"replaced module {type(first.module).__name__} with MoELayer"
         else:
             rewritten = rewrite_inline(first.module, first.graph, [(s.match, layer) for s, layer in pairs])
             target = replace_submodule(target, module_name, rewritten)
+            kind = "torch.export" if first.captured else "fx"
             for site, _ in pairs:
-                site.report.reason = f"rewrote {module_name or '<root>'}'s fx graph to call an MoELayer"
+                site.report.reason = f"rewrote {module_name or '<root>'}'s {kind} graph to call an MoELayer"
         for site, _ in pairs:
             site.report.action = "converted"
+            if site.match.hidden_dropout is not None:
+                site.report.reason += ("; the dropout on its hidden activations now acts on its output (training only)"
+                                       if site.chain is not None and site.chain.dropout_stays else
+                                       "; the dropout on its hidden activations (training only) is dropped")
 
     if batches is not None and config.distill_steps:
         fitted = distill(target, [(s.report.name, layer, ffns[s.report.name]) for s, layer in zip(todo, layers)],
@@ -179,10 +265,15 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
             site.report.calibration.update({f"distill_{k}": v for k, v in fitted[site.report.name].items()})
 
     target.moe_report = ConversionReport(sites=[s.report for s in sites], notes=notes, config=config,
-                                         example_inputs=None if inputs is None else
-                                         [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                                          for t in inputs])
+                                         example_inputs=None if given is None else given.to_spec())
     return target
+
+
+def _search_inputs(model: nn.Module, example_inputs: Optional[Inputs]) -> Optional[ModelInputs]:
+    """The user's example inputs, else the model's own (transformers), else None."""
+    if example_inputs is not None:
+        return as_model_inputs(example_inputs, "convert(example_inputs=...)")
+    return default_inputs(model)
 
 
 def _site_ffn(site: _Site):

@@ -2,12 +2,12 @@
 
     whole module   the match is the module's entire forward (an MLP submodule)  -> the parent's attribute now
                    holds the MoE layer; every class above it is untouched.
-    inline         the match is part of a bigger forward (FFN written in the block) -> the block becomes an
-                   fx.GraphModule of its rewritten graph, with the MoE layer as submodule `moe` and a call to it
-                   in place of the FFN's nodes.
-    module chain   the match was located with torch.export in a block fx cannot trace, as three child-module
-                   calls up -> act -> down -> up becomes the MoE layer, act and down identities; the block's
-                   class and forward are untouched.
+    inline         the match is part of a bigger forward (FFN written in the block; its graph from torch.fx, or
+                   from torch.export for a block fx cannot trace) -> the block becomes an fx.GraphModule of its
+                   rewritten graph, with the MoE layer as submodule `moe` and a call to it in place of the FFN's
+                   nodes; the block's other parameters are the same objects as before.
+    module chain   the match was located with torch.export, each step a module of its own (locate.py)
+                   -> up becomes the MoE layer, the other steps identities; every forward is untouched.
 """
 
 from __future__ import annotations
@@ -38,17 +38,21 @@ def rewrite_inline(module: nn.Module, graph: fx.Graph,
         match.output.replace_all_uses_with(call)
         for node in reversed(match.nodes):
             graph.erase_node(node)
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:  # the FFN's weights (torch.export)
+        graph.erase_node(node)
     rewritten = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    rewritten._forward_pre_hooks.update(module._forward_pre_hooks)  # e.g. a captured block's DropKeywords
+    rewritten._forward_pre_hooks_with_kwargs.update(module._forward_pre_hooks_with_kwargs)
     rewritten.delete_all_unused_submodules()
     rewritten.train(module.training)
     return rewritten
 
 
-def rewrite_module_chain(block: nn.Module, chain: ModuleChain, layer: nn.Module) -> None:
-    """block.up(x) -> block.act -> block.down  becomes  block.up = MoE(x), block.act = block.down = Identity."""
-    setattr(block, chain.up, layer)
-    setattr(block, chain.act, nn.Identity())
-    setattr(block, chain.down, nn.Identity())
+def rewrite_module_chain(model: nn.Module, chain: ModuleChain, layer: nn.Module) -> None:
+    """up(x) -> act -> [dropout ->] down  becomes  up = MoE(x), act = [dropout =] down = Identity."""
+    replace_submodule(model, chain.up, layer)
+    for name in chain.others:
+        replace_submodule(model, name, nn.Identity())
 
 
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

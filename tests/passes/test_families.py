@@ -44,6 +44,16 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2), "Linear(gate) -> silu * Linear(up) -> Linear(down)"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",  # gate and up fused in one projection, chunked
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0),
+             "Linear(gate half) -> silu * Linear(up half) -> Linear(down)"),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM",  # squared ReLU
+              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2), "Linear -> relu2 -> Linear"),
+    "big_bird": ("BigBirdConfig", "BigBirdForCausalLM",  # sibling modules, gelu_new: several ATen ops
+                 dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      attention_type="original_full", is_decoder=True), "Linear -> gelu_tanh -> Linear"),
     "gemma": ("GemmaConfig", "GemmaForCausalLM",
               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16), "Linear(gate) -> gelu_tanh * Linear(up) -> Linear(down)"),

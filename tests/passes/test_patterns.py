@@ -229,7 +229,8 @@ def test_ffn_in_untraceable_module_is_reported():
     model = Host(Untraceable())
     report = find_ffn_blocks(model)
     assert report.sites == []
-    (note,) = report.notes
+    note, unsearched = report.notes
+    assert "pass example_inputs" in unsearched.outcome
     assert note.module == "ffn"
     assert note.outcome.startswith("not traceable with torch.fx") and "control flow" in note.outcome
     with pytest.raises(NoFFNFoundError) as info:

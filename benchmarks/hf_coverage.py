@@ -1,0 +1,237 @@
+"""Coverage: which transformers architectures convert exactly, with no per-model code.
+
+Every architecture in transformers' causal-LM, masked-LM and seq2seq auto-mappings is built from a tiny config,
+derived from its default config by `shrink` (the same rules for every family, through the config's own attribute
+names and values: its layer count, width, head count and FFN width wherever they appear), with random weights.
+It is converted twice with no example inputs (upcycled experts, renormalised top-2 of 4; split experts, k = E = 4)
+and run against the dense model on the model's own dummy inputs, every output compared. Each is marked
+
+    converted   both conversions within 1e-5 of the dense model, on every output
+    skipped     FFN sites found, but not all converted exactly (the reason)
+    not found   no FFN site found (the search's notes)
+    not built   the tiny config does not build or run, or the model is an MoE already (not a dense-FFN model)
+
+Architectures run in worker processes of CHUNK each, every one with a time limit. Writes
+benchmarks/results/hf_coverage.{json,md}.
+
+    nice -n 10 python benchmarks/hf_coverage.py [--only TYPE ...] [--timeout SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+MAPPINGS = {"causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+            "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"}
+TINY = dict(layers=2, width=64, heads=4, kv_heads=2, head_dim=16, ffn=128)
+TOLERANCE = 1e-5
+CHUNK = 20
+
+
+def architectures() -> list[tuple[str, str, str]]:
+    """(mapping, model type, model class name) of every entry of the three auto-mappings."""
+    from transformers.models.auto import modeling_auto
+
+    found = []
+    for mapping, attribute in MAPPINGS.items():
+        for model_type, class_name in getattr(modeling_auto, attribute).items():
+            for name in ([class_name] if isinstance(class_name, str) else class_name):
+                found.append((mapping, model_type, name))
+    return found
+
+
+def shrink(config):
+    """The config with its sizes made tiny, found by the config's own attribute names and default values."""
+    from transformers import PreTrainedConfig
+
+    values = config.to_dict()
+    layers = getattr(config, "num_hidden_layers", None)
+    width = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    changes = {}
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, list)):
+            continue
+        words = set(re.split(r"_", name))
+        if isinstance(value, list):
+            if layers and len(value) == layers and "layer" in name:  # per-layer lists (layer types, ...)
+                changes[name] = value[:TINY["layers"]]
+        elif "layer" in name or "layers" in words or name in ("n_layer", "depth"):
+            if layers and value == layers or re.search(r"(num|n)_(hidden_)?(encoder_|decoder_)?layers?$", name) \
+                    or re.search(r"^(encoder|decoder)_layers$", name):
+                changes[name] = min(value, TINY["layers"])
+        elif re.search(r"key_value|kv_heads|num_kv|query_groups", name):
+            changes[name] = TINY["kv_heads"]
+        elif "head" in name and "dim" not in name and heads and value == heads or re.search(r"_heads?$", name):
+            changes[name] = TINY["heads"]
+        elif re.search(r"head_dim|d_kv|kv_channels|rotary_dim|rope_dim", name):
+            changes[name] = TINY["head_dim"] // (2 if "rot" in name or "rope" in name else 1)
+        elif width and value == width:
+            changes[name] = TINY["width"]
+        elif width and value > width and re.search(r"intermediate|ffn|d_ff|inner|mlp|hidden_dim|filter", name):
+            changes[name] = TINY["ffn"]
+    for name, value in changes.items():
+        setattr(config, name, value)
+    for value in vars(config).values():  # sub-configs of composite models (text_config, encoder, ...)
+        if isinstance(value, PreTrainedConfig) and value is not config:
+            shrink(value)
+    return config
+
+
+def run_one(mapping: str, model_type: str, class_name: str) -> dict:
+    """Build, convert twice, compare; the result row of one architecture."""
+    import torch
+    import transformers
+
+    import moe_compile as mc
+    from moe_compile.errors import first_line
+    from moe_compile.model_io import ModelCall, default_inputs
+
+    row = {"mapping": mapping, "model_type": model_type, "class": class_name}
+    try:
+        config = shrink(transformers.AutoConfig.for_model(model_type))
+        torch.manual_seed(0)
+        dense = getattr(transformers, class_name)(config).eval()
+        inputs = default_inputs(dense)
+        if inputs is None:
+            raise TypeError("the model has no dummy_inputs")
+        reference = ModelCall(dense).named(inputs)
+    except Exception as error:  # noqa: BLE001 - any failure to build or run is the row's reason
+        return {**row, "status": "not built", "reason": first_line(error, 200)}
+    if any(re.search(r"moe|expert", type(m).__name__, re.I) for m in dense.modules()):
+        return {**row, "status": "not built", "reason": "an MoE model already (not a dense FFN)"}
+    row["params"] = sum(p.numel() for p in dense.parameters())
+    configs = {"upcycle top-2": mc.MoEConfig(num_experts=4, top_k=2),
+               "split k=E": mc.MoEConfig(num_experts=4, top_k=4, experts="split")}
+    errors = {}
+    for label, moe_config in configs.items():
+        try:
+            moe = mc.convert(dense, moe_config)
+        except mc.NoFFNFoundError:
+            report = mc.find_ffn_blocks(dense)
+            found = [s for s in report.sites]
+            if found:
+                reasons = sorted({s.reason for s in found if s.action == "skipped"})
+                return {**row, "status": "skipped", "sites": len(found), "reason": "; ".join(reasons)[:300]}
+            notes = "; ".join(sorted({n.outcome for n in report.notes if "torch.fx" not in n.outcome}))
+            return {**row, "status": "not found", "reason": notes[:300] or "no FFN pattern in any module"}
+        except Exception as error:  # noqa: BLE001
+            return {**row, "status": "skipped", "reason": f"convert raised {first_line(error, 200)}"}
+        report = moe.moe_report
+        row["sites"] = len(report.converted)
+        row["patterns"] = sorted({s.pattern for s in report.converted})
+        skipped = [s for s in report.sites if s.action == "skipped"]
+        got = ModelCall(moe).named(inputs)
+        errors[label] = max((got[k] - reference[k]).abs().max().item() for k in reference if k in got)
+        if skipped:
+            return {**row, "status": "skipped", "reason": f"{len(skipped)} of {len(report.sites)} sites skipped: "
+                                                          f"{skipped[0].reason}"[:300]}
+    row["max_error"] = errors
+    if all(e <= TOLERANCE for e in errors.values()):
+        return {**row, "status": "converted"}
+    return {**row, "status": "skipped", "reason": "not exact: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())}
+
+
+def table(rows: list[dict]) -> str:
+    """The README table: counts per status, then every architecture that did not convert, with its reason."""
+    from moe_compile.table import format_table
+
+    dense = [r for r in rows if r["status"] not in ("not built", "not run")]
+    converted = [r for r in dense if r["status"] == "converted"]
+    lines = [f"{len(converted)} of {len(dense)} dense-FFN architectures convert exactly "
+             f"({len(converted) / max(len(dense), 1):.0%}); the others below are MoE models already, do not build "
+             "from a tiny config, or were not run.", ""]
+    counts = [("status", "architectures")] + [(s, str(sum(r["status"] == s for r in rows)))
+                                               for s in ("converted", "skipped", "not found", "not built", "not run")]
+    lines += [format_table(counts), ""]
+    rest = [("mapping", "class", "status", "reason")]
+    rest += [(r["mapping"], r["class"], r["status"], r.get("reason", "")[:150])
+             for r in rows if r["status"] != "converted"]
+    lines += [format_table(rest), "", "converted: " + ", ".join(sorted({r["class"] for r in converted}))]
+    return "\n".join(lines)
+
+
+def run_chunk(specs: list[str], timeout: float) -> None:
+    """Worker: one JSON line per 'mapping:model_type:class', each bounded by `timeout` seconds."""
+    warnings.simplefilter("ignore")
+    import logging
+
+    logging.disable(logging.WARNING)
+
+    def expire(signum, frame):
+        raise TimeoutError(f"timed out after {timeout:.0f} s")
+
+    signal.signal(signal.SIGALRM, expire)
+    for spec in specs:
+        mapping, model_type, class_name = spec.split(":")
+        start = time.perf_counter()
+        signal.alarm(int(timeout))
+        try:
+            row = run_one(mapping, model_type, class_name)
+        except TimeoutError as error:
+            row = {"mapping": mapping, "model_type": model_type, "class": class_name, "status": "skipped",
+                   "reason": str(error)}
+        finally:
+            signal.alarm(0)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps(row), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="model types to run (default: every one)")
+    parser.add_argument("--timeout", type=float, default=90, help="seconds per architecture (90)")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun only the architectures the last results did not convert (MoE models aside)")
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds for the whole sweep; architectures left when it is spent are listed as not run")
+    parser.add_argument("--chunk", nargs="*", help=argparse.SUPPRESS)  # internal: a worker's architectures
+    args = parser.parse_args()
+    if args.chunk is not None:
+        run_chunk(args.chunk, args.timeout)
+        return 0
+    todo = [f"{m}:{t}:{c}" for m, t, c in architectures() if not args.only or t in args.only]
+    kept = []
+    if args.update:
+        kept = [r for r in json.loads((RESULTS / "hf_coverage.json").read_text())
+                if r["status"] == "converted" or r.get("reason", "").startswith("an MoE model already")]
+        done = {f"{r['mapping']}:{r['model_type']}:{r['class']}" for r in kept}
+        todo = [spec for spec in todo if spec not in done]
+    rows, start = [], time.perf_counter()
+    while todo and time.perf_counter() - start < args.budget:
+        specs, todo = todo[:CHUNK], todo[CHUNK:]
+        worker = subprocess.run([sys.executable, __file__, "--timeout", str(args.timeout), "--chunk", *specs],
+                                capture_output=True, text=True)
+        done = [json.loads(line) for line in worker.stdout.splitlines() if line.startswith("{")]
+        if len(done) < len(specs):  # the worker died in native code: record that one, rerun the rest
+            mapping, model_type, class_name = specs[len(done)].split(":")
+            crash = (worker.stderr.strip().splitlines() or ["no message"])[-1][:200]
+            done.append({"mapping": mapping, "model_type": model_type, "class": class_name, "status": "not built",
+                         "reason": f"the process died: {crash}"})
+            todo = specs[len(done):] + todo
+        rows += done
+        for row in done:
+            print(f"{row['status']:10s} {row['class']:45s} {row.get('reason', '')[:100]}", flush=True)
+    rows += [dict(zip(("mapping", "model_type", "class"), spec.split(":")), status="not run",
+                  reason="the sweep's time budget was spent") for spec in todo]
+    order = {spec: i for i, spec in enumerate(f"{m}:{t}:{c}" for m, t, c in architectures())}
+    rows = sorted(kept + rows, key=lambda r: order.get(f"{r['mapping']}:{r['model_type']}:{r['class']}", 0))
+    RESULTS.mkdir(exist_ok=True)
+    name = "hf_coverage" if not args.only else "hf_coverage_partial"
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""A slice of the coverage sweep (benchmarks/hf_coverage.py): tiny configs come from generic shrinking, and one
+architecture runs through the whole check. The full sweep is a benchmark, not a test."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+_spec = importlib.util.spec_from_file_location("hf_coverage", Path(__file__).parents[1] / "benchmarks" / "hf_coverage.py")
+hf_coverage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hf_coverage)
+
+
+@pytest.mark.parametrize("model_type, fields", [
+    ("bert", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
+    ("t5", dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16)),
+    ("gpt2", dict(n_embd=64, n_layer=2, n_head=4)),
+    ("distilbert", dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4)),
+])
+def test_shrink_finds_each_familys_own_names(model_type, fields):
+    config = hf_coverage.shrink(transformers.AutoConfig.for_model(model_type))
+    assert {name: getattr(config, name) for name in fields} == fields
+
+
+def test_one_architecture_runs_through_the_check():
+    row = hf_coverage.run_one("causal-lm", "gpt_neox", "GPTNeoXForCausalLM")
+    assert row["status"] == "converted" and row["sites"] == 2, row
+    assert all(error <= hf_coverage.TOLERANCE for error in row["max_error"].values())
