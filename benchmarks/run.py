@@ -220,7 +220,6 @@ def child_time_layers(sizes: Sizes, workdir: Path, tokens: int, threads: int) ->
     torch.set_num_threads(threads)
     files = json.loads((workdir / "layers.json").read_text())
     x = torch.randn(1, tokens, sizes.d_model, generator=torch.Generator().manual_seed(1))
-    feed = {"input": x.numpy()}
     calls, meta = {}, {}
     for name, (module, kind, ideal) in layer_variants(sizes).items():
         if kind in ("both", "eager"):
@@ -228,7 +227,7 @@ def child_time_layers(sizes: Sizes, workdir: Path, tokens: int, threads: int) ->
             meta[f"{name} | eager"] = (name, "eager", ideal)
         if kind in ("both", "onnx", "ort-op"):
             session = _session(Path(files[name]), threads)
-            calls[f"{name} | onnx"] = (lambda s=session: s.run(None, feed))
+            calls[f"{name} | onnx"] = (lambda s=session, n=session.get_inputs()[0].name: s.run(None, {n: x.numpy()}))
             meta[f"{name} | onnx"] = (name, "onnxruntime", ideal)
     with torch.inference_mode():
         seconds = time_round_robin(calls, sizes.blocks, sizes.calls)
@@ -268,9 +267,10 @@ def child_time_model(sizes: Sizes, workdir: Path, tokens: int) -> dict:
         model = gpt2_body(sizes, kind)
         session = _session(workdir / f"body-{kind}.onnx", 1)
         calls[f"{kind} | eager"] = (lambda m=model: m(ids))
-        calls[f"{kind} | onnx"] = (lambda s=session: s.run(None, {"input_ids": ids.numpy()}))
+        calls[f"{kind} | onnx"] = (lambda s=session, n=session.get_inputs()[0].name: s.run(None, {n: ids.numpy()}))
     ffn = _session(Path(files["dense FFN"]), 1)
-    calls["dense FFN layer | onnx"] = lambda: ffn.run(None, {"input": x.numpy()})
+    ffn_input = ffn.get_inputs()[0].name
+    calls["dense FFN layer | onnx"] = lambda: ffn.run(None, {ffn_input: x.numpy()})
     with torch.inference_mode():
         seconds = time_round_robin(calls, max(2, sizes.blocks - 2), 1)
     share = sizes.layers * seconds["dense FFN layer | onnx"] / seconds["dense | onnx"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import moe_compile as mc
-from moe_compile.moe import DenseFFN
+from moe_compile.moe.shared import SharedExpert
 
 from ..conftest import VOCAB
 from .conftest import checkpoint_tensors, hf_logits, make_dense, transformers
@@ -69,12 +69,10 @@ def test_shared_expert_is_written_exactly_into_qwen2_moe(tmp_path):
     its sigmoid gate is 1/2 and its down projection doubled, so the block computes routed + shared exactly."""
     moe = mc.convert(make_dense("llama"), mc.MoEConfig(num_experts=4, upcycle_noise=0.5)).eval()
     generator = torch.Generator().manual_seed(3)
-    shared = {}
-    for i, decoder in enumerate(moe.model.layers):
-        shared[i] = DenseFFN(up_weight=torch.randn(32, 64, generator=generator) * 0.1, up_bias=None,
-                             down_weight=torch.randn(64, 32, generator=generator) * 0.1, down_bias=None,
-                             activation="silu", gate_weight=torch.randn(32, 64, generator=generator) * 0.1)
-        decoder.mlp.shared = shared[i]
+    for decoder in moe.model.layers:
+        decoder.mlp.shared = SharedExpert(up_weight=torch.randn(32, 64, generator=generator) * 0.1, up_bias=None,
+                                          down_weight=torch.randn(64, 32, generator=generator) * 0.1,
+                                          activation="silu", gate_weight=torch.randn(32, 64, generator=generator) * 0.1)
     written = mc.save_hf(moe, tmp_path)  # a shared expert makes the LLaMA model a Qwen2-MoE (no q/k/v biases)
     assert written.architecture == "Qwen2MoeForCausalLM"
 
@@ -83,8 +81,8 @@ def test_shared_expert_is_written_exactly_into_qwen2_moe(tmp_path):
     x = torch.randn(2, 16, 64, generator=generator)
     with torch.no_grad():
         for i, decoder in enumerate(moe.model.layers):
-            expected = decoder.mlp(x) + shared[i](x)
-            assert (hf.model.layers[i].mlp(x) - expected).abs().max().item() <= 1e-6
+            assert (hf.model.layers[i].mlp(x) - decoder.mlp(x)).abs().max().item() <= 1e-6
+        assert (hf(IDS).logits - moe(IDS).logits).abs().max().item() <= 1e-5
 
 
 def test_qwen2_moe_without_shared_expert_adds_nothing(tmp_path):
