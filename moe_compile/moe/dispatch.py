@@ -41,10 +41,6 @@ class Dispatch:
     #                                             rows (in expert order), sum(counts) for a dropped choice
 
     @property
-    def num_experts(self) -> int:
-        return self.counts.shape[0]
-
-    @property
     def reaches_every_token(self) -> bool:
         """Dropless token choice: every token has k computed rows (known from the routing, not the values)."""
         return self.packed and self.choice_rows is not None
