@@ -289,7 +289,8 @@ def child_time_model(sizes: Sizes, workdir: Path, tokens: int) -> dict:
 def _child(args: list[str], sizes_name: str, workdir: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", *args, "--sizes", sizes_name, "--workdir", str(workdir)]
     print("  running", " ".join(args), flush=True)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -330,7 +331,8 @@ def model_markdown(results: dict) -> str:
             ratio = {r["model"]: r["ratio_to_dense"] for r in run["rows"] if r["runtime"] == runtime}
             dense_ms = next(r["ms"] for r in run["rows"] if r["runtime"] == runtime and r["model"] == "dense")
             lines.append(f"| {run['tokens']} | {runtime} (dense {dense_ms} ms) | {ratio['split']:.2f}x | "
-                         f"{ratio['upcycle']:.2f}x | {run['amdahl_bound_split']:.2f}x | {run['ffn_share_of_dense_onnx']:.2f} |")
+                         f"{ratio['upcycle']:.2f}x | {run['amdahl_bound_split']:.2f}x | "
+                         f"{run['ffn_share_of_dense_onnx']:.2f} |")
     lines += ["", "| model | convert s | export s | peak RSS after convert MB | peak RSS after export MB |",
               "|---|---|---|---|---|"]
     lines += [f"| {b['model']} | {b['convert_s']} | {b['export_s']} | {b['peak_rss_mb_after_convert']} | "

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 transformers = pytest.importorskip("transformers")
-_spec = importlib.util.spec_from_file_location("hf_coverage", Path(__file__).parents[1] / "benchmarks" / "hf_coverage.py")
+_spec = importlib.util.spec_from_file_location("hf_coverage",
+                                               Path(__file__).parents[1] / "benchmarks" / "hf_coverage.py")
 hf_coverage = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hf_coverage)
 

@@ -21,7 +21,7 @@ import dataclasses
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch.fx as fx
 import torch.nn as nn

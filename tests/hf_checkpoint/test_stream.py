@@ -80,7 +80,8 @@ def test_damaged_or_unsupported_sources_are_refused(tmp_path, hf_gpt2):
 
     settings = json.loads((tmp_path / "ok" / "config.json").read_text())
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": 1}))
-    with pytest.raises(mc.HFCheckpointError, match="belongs to decoder layer 1, but the config has num_hidden_layers=1"):
+    with pytest.raises(mc.HFCheckpointError,
+                       match="belongs to decoder layer 1, but the config has num_hidden_layers=1"):
         mc.convert_hf_checkpoint(tmp_path / "ok", tmp_path / "out", config)
     assert not (tmp_path / "out").exists()
 

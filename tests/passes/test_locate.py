@@ -3,7 +3,6 @@ rewritten as a module chain, or by capturing the block with torch.export."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
