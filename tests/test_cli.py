@@ -144,8 +144,6 @@ def test_export_then_check_with_onnx_runtime(capsys, saved_nanogpt, tmp_path):
     assert code == 0, err
     assert onnx_path.is_file() and "target=portable" in out
 
-    if not hasattr(importlib.import_module("moe_compile.export"), "check_parity"):
-        pytest.skip("moe_compile.export.check_parity is not written yet")
     code, out, err = run(capsys, "check", str(saved_nanogpt), str(onnx_path), "--json")
     assert code == 0, out + err
     assert json.loads(out)["passed"] is True
