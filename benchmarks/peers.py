@@ -27,11 +27,15 @@ def _route(layer: MoELayer, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return layer.router.select(probs)
 
 
-class HFLoop(nn.Module):
+class _Peer(nn.Module):
+    """A peer implementation reading the weights and router of `layer`."""
+
     def __init__(self, layer: MoELayer):
         super().__init__()
         self.layer = layer
 
+
+class HFLoop(_Peer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         gates, ids = _route(self.layer, flat)
@@ -44,10 +48,9 @@ class HFLoop(nn.Module):
         return y.view(x.shape)
 
 
-class GroupedMM(nn.Module):
+class GroupedMM(_Peer):
     def __init__(self, layer: MoELayer):
-        super().__init__()
-        self.layer = layer
+        super().__init__(layer)
         self.up = layer.up_weight.detach().transpose(1, 2).contiguous()  # [E, d, m]
         self.gate = None if layer.gate_weight is None else layer.gate_weight.detach().transpose(1, 2).contiguous()
         self.down = layer.down_weight.detach().transpose(1, 2).contiguous()  # [E, m, d]
@@ -77,11 +80,7 @@ class GroupedMM(nn.Module):
         return torch.zeros_like(flat).index_add(0, order // k, out).view(x.shape)
 
 
-class EveryExpert(nn.Module):
-    def __init__(self, layer: MoELayer):
-        super().__init__()
-        self.layer = layer
-
+class EveryExpert(_Peer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         gates, ids = _route(self.layer, flat)

@@ -153,9 +153,9 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("ffn, config", VARIANTS)
-def test_lowered_module_equals_eager_layer(tmp_path, ffn, config):
-    model = one_layer_moe(**ffn, **config)
+def assert_lowering_matches_eager(model, tmp_path):
+    """TensorRTMoE equals the eager layer, and the exported graph (plugin nodes replaced by their reference) matches
+    eager in ONNX Runtime at another shape."""
     (_, layer), = iter_moe_layers(model)
     x = features((3, 7), seed=2)
     with torch.no_grad():
@@ -163,6 +163,11 @@ def test_lowered_module_equals_eager_layer(tmp_path, ffn, config):
     moe_compile.export(model, features((2, 8)), tmp_path / "m.onnx", target="tensorrt", fallback=False)
     with_reference_nodes(tmp_path / "m.onnx", tmp_path / "ref.onnx")
     assert moe_compile.check_parity(model, tmp_path / "ref.onnx", features((3, 13), seed=1)).passed
+
+
+@pytest.mark.parametrize("ffn, config", VARIANTS)
+def test_lowered_module_equals_eager_layer(tmp_path, ffn, config):
+    assert_lowering_matches_eager(one_layer_moe(**ffn, **config), tmp_path)
 
 
 def test_layers_the_plugin_cannot_express(tmp_path):  # with fallback=True they keep the portable lowering
@@ -188,10 +193,4 @@ def test_bfloat16_export_for_tensorrt(tmp_path):
 
 def test_shared_expert_runs_beside_the_plugin(tmp_path):
     model = with_shared_expert(one_layer_moe(activation="silu", gated=True, experts="split", combine="weighted"))
-    (_, layer), = iter_moe_layers(model)
-    x = features((3, 7), seed=2)
-    with torch.no_grad():
-        torch.testing.assert_close(TensorRTMoE(layer)(x), layer(x), rtol=0, atol=1e-5)
-    moe_compile.export(model, features((2, 8)), tmp_path / "m.onnx", target="tensorrt", fallback=False)
-    with_reference_nodes(tmp_path / "m.onnx", tmp_path / "ref.onnx")
-    assert moe_compile.check_parity(model, tmp_path / "ref.onnx", features((3, 13), seed=1)).passed
+    assert_lowering_matches_eager(model, tmp_path)
