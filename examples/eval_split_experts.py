@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -75,7 +77,9 @@ def evaluate(variant: str, ablation: bool, distill_steps: int) -> dict:
     dense = load_checkpoint(CHECKPOINTS / f"tiny_gpt_{variant}.safetensors")
     validation, batches = stdlib_bytes("validation"), calibration_batches()
     result = {"variant": variant, "dense": perplexity(dense, validation, max_windows=EVAL_WINDOWS),
-              "curve": [], "ablation": []}
+              "curve": [], "ablation": [], "machine": {
+                  "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+                  "python": platform.python_version(), "torch": torch.__version__}}
     path = RESULTS / f"split_experts_{variant}.json"
     print(f"{variant}: dense perplexity {result['dense']:.3f}", flush=True)
     for method, fields, calibrated in CURVE_METHODS:

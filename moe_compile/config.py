@@ -21,7 +21,7 @@ EXPERT_BUILDERS = ("upcycle", "split")
 SPLIT_STRATEGIES = ("kmeans", "random", "contiguous", "coactivation")
 ROUTER_INITS = ("random", "centroid", "calibrated")
 NEEDS_CALIBRATION = {"split_strategy": "coactivation", "router_init": "calibrated"}
-CALIBRATED_SHARED_FRACTION = 1 / 8
+ACTIVE_GROUPS_PER_SHARED = 8  # calibrated default: one of every 8 active neuron groups is shared (k // 8)
 CALIBRATED_DISTILL_STEPS = 200
 COMBINES = ("weighted", "unweighted")
 
@@ -171,7 +171,7 @@ class MoEConfig:
         if self.experts != "split" or not self.unset:
             return self
         defaults = {"split_strategy": "coactivation", "router_init": "calibrated",
-                    "shared_experts": min(round(self.num_experts * CALIBRATED_SHARED_FRACTION), (self.top_k - 1) // 2),
+                    "shared_experts": self.top_k // ACTIVE_GROUPS_PER_SHARED,
                     "compensate": self.combine == "unweighted" and self.routing != "expert_choice",
                     "distill_steps": CALIBRATED_DISTILL_STEPS}
         return dataclasses.replace(self, **{name: defaults[name] for name in self.unset})

@@ -81,11 +81,12 @@ def test_calibrated_defaults_fill_only_unset_fields():
             data_free.distill_steps) == ("kmeans", "centroid", 0, False, 0)
     calibrated = data_free.with_calibration()
     assert (calibrated.split_strategy, calibrated.router_init, calibrated.shared_experts, calibrated.compensate,
-            calibrated.distill_steps) == ("coactivation", "calibrated", 3, True, 200)
+            calibrated.distill_steps) == ("coactivation", "calibrated", 1, True, 200)
     explicit = MoEConfig(num_experts=8, top_k=2, experts="split", split_strategy="kmeans", shared_experts=0)
     assert (explicit.with_calibration().split_strategy, explicit.with_calibration().shared_experts) == ("kmeans", 0)
     assert MoEConfig(num_experts=8, top_k=2, experts="split").with_calibration().shared_experts == 0
-    assert MoEConfig(num_experts=8, top_k=4, experts="split").with_calibration().shared_experts == 1
+    assert MoEConfig(num_experts=8, top_k=4, experts="split").with_calibration().shared_experts == 0
+    assert MoEConfig(num_experts=64, top_k=16, experts="split").with_calibration().shared_experts == 2
     assert MoEConfig(num_experts=4, experts="upcycle").with_calibration() == MoEConfig(num_experts=4)
     assert MoEConfig.from_dict(calibrated.to_dict()) == calibrated
 
