@@ -1,7 +1,10 @@
 """moe-compile: inspect, convert, export and check the MoE conversion of GPT-style models.
 
-    moe-compile inspect (--example NAME | --hf DIR | --model DIR) [MoEConfig flags]
-    moe-compile convert (--example NAME | --hf DIR) --out DIR [--format moe_compile|hf] [MoEConfig flags]
+    moe-compile inspect (--example NAME | --checkpoint FILE | --hf DIR | --model DIR) [MoEConfig flags]
+    moe-compile convert (--example NAME | --checkpoint FILE | --hf DIR) --out DIR [--format moe_compile|hf]
+                        [--calibrate | --calibration-text FILE ...] [MoEConfig flags]
+    moe-compile eval (--checkpoint FILE | --hf DIR | --example NAME) [--active F ...] [--text FILE ...]
+                     [--no-calibration | --calibration-text FILE ...] [--json FILE] [MoEConfig flags]
     moe-compile export MODEL_DIR --target {ort,portable,tensorrt} --out FILE.onnx [--dtype fp32|fp16|bf16]
                        [--batch B --seq S] [--engine FILE.engine --max-batch B --max-seq S]
     moe-compile check MODEL_DIR FILE.onnx|FILE.engine [--json] [--dtype fp32|fp16|bf16] [--batch B --seq S]
@@ -14,8 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,7 +32,9 @@ from .config import (
     SPLIT_STRATEGIES,
     MoEConfig,
 )
-from .example_models import EXAMPLE_MODELS, build_example
+from .evaluate import evaluate_split, evaluation_table
+from .example_models import EXAMPLE_MODELS, build_example, load_checkpoint
+from .example_text import calibration_batches, perplexity, stdlib_text, token_ids
 from .hf_checkpoint import convert_hf_checkpoint
 from .passes import convert, find_ffn_blocks
 from .serialization import load, save
@@ -50,6 +56,11 @@ CONFIG_FLAGS = {
     "capacity_factor": (float, "expert capacity factor (default: the routing's)"),
     "combine": (str, f"one of {', '.join(COMBINES)} (default unweighted for split, weighted for upcycle)"),
     "upcycle_noise": (float, "std of the noise added to upcycled experts, relative to the weights' (default 0)"),
+    "shared_experts": (int, "split: neuron groups always on, out of top_k (calibrated default top_k // 8, else 0)"),
+    "compensate": (bool, "split: a skipped expert adds its mean calibration output (calibrated default on)"),
+    "distill_steps": (int, "split: optimiser steps per layer fitting experts to the dense FFN (calibrated default "
+                           "200, else 0)"),
+    "calibration_tokens": (int, "token rows recorded per FFN site from the calibration text (default 8192)"),
     "seed": (int, "seed of expert building and router initialisation (default 0)"),
 }
 
@@ -90,8 +101,26 @@ def _parser() -> argparse.ArgumentParser:
                       help="moe_compile: weights + recipe (moe_compile.load reads it; every routing); hf: a "
                            "Mixtral / Qwen2-MoE checkpoint from a LLaMA / Mistral / Qwen2 --hf directory, converted "
                            "one layer at a time (default moe_compile)")
+    conv.add_argument("--calibrate", action="store_true",
+                      help="build split experts from activations on calibration text (the standard library's "
+                           "source unless --calibration-text is given)")
+    _add_calibration_flags(conv)
     _add_config_flags(conv)
     conv.set_defaults(handler=_convert)
+
+    evaluate = commands.add_parser("eval", help="validation perplexity of split experts against dense, per active "
+                                                "FFN fraction")
+    _add_source(evaluate, saved=False)
+    evaluate.add_argument("--active", type=float, nargs="+", default=[0.125, 0.25, 0.5, 0.75], metavar="F",
+                          help="active FFN fractions; top_k = F * num_experts (default 0.125 0.25 0.5 0.75)")
+    evaluate.add_argument("--text", nargs="+", metavar="FILE",
+                          help="validation text files (default: the standard library's validation split)")
+    evaluate.add_argument("--windows", type=int, default=128, help="validation windows (128)")
+    evaluate.add_argument("--no-calibration", action="store_true", help="measure data-free split experts")
+    _add_calibration_flags(evaluate)
+    evaluate.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    _add_config_flags(evaluate)
+    evaluate.set_defaults(handler=_eval)
 
     export = commands.add_parser("export", help="lower a saved MoE model to ONNX")
     export.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by moe-compile convert")
@@ -116,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
 def _add_source(parser: argparse.ArgumentParser, saved: bool) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--example", metavar="NAME", help=f"an embedded example GPT: {', '.join(EXAMPLE_MODELS)}")
+    source.add_argument("--checkpoint", metavar="FILE", help="a trained example GPT (.safetensors, as "
+                                                             "examples/train_tiny_gpts.py writes)")
     source.add_argument("--hf", metavar="DIR", help="a local Hugging Face causal-LM directory (save_pretrained)")
     if saved:
         source.add_argument("--model", metavar="DIR", help="a converted model saved by moe-compile convert")
@@ -124,7 +155,20 @@ def _add_source(parser: argparse.ArgumentParser, saved: bool) -> None:
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("MoEConfig", "unset fields take MoEConfig's defaults")
     for name, (kind, text) in CONFIG_FLAGS.items():
-        group.add_argument("--" + name.replace("_", "-"), type=kind, help=text, default=argparse.SUPPRESS)
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text, default=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, type=kind, help=text, default=argparse.SUPPRESS)
+
+
+def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration", "text is tokenized by the --hf directory's tokenizer, or as bytes")
+    group.add_argument("--calibration-text", nargs="+", metavar="FILE",
+                       help="text files the calibration windows are drawn from (default: the standard library's "
+                            "training split)")
+    group.add_argument("--calibration-windows", type=int, default=64, help="calibration windows (64)")
+    group.add_argument("--length", type=int, help="tokens per window (default: the model's context, at most 128)")
 
 
 def _add_run_flags(parser: argparse.ArgumentParser, shape: tuple[int, int], dtype_help: str) -> None:
@@ -138,9 +182,11 @@ def _config(args: argparse.Namespace) -> MoEConfig:
 
 
 def _dense_model(args: argparse.Namespace) -> nn.Module:
-    """The dense model named by --example or --hf."""
+    """The dense model named by --example, --checkpoint or --hf."""
     if args.example is not None:
         return build_example(args.example)
+    if args.checkpoint is not None:
+        return load_checkpoint(args.checkpoint)
     if not Path(args.hf).is_dir():
         raise UsageError(f"--hf {args.hf}: no such directory. Pass a directory written by save_pretrained.")
     from transformers import AutoModelForCausalLM
@@ -168,19 +214,94 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     if args.format == "hf":
+        if args.calibrate or args.calibration_text is not None:
+            raise UsageError("--format hf converts one layer at a time, without running the model, so it cannot "
+                             "calibrate. Drop --calibrate, or convert with --format moe_compile.")
         if args.hf is None:
             raise UsageError("--format hf converts a local LLaMA, Mistral or Qwen2 checkpoint: pass --hf DIR "
                              "(the embedded examples have no Hugging Face MoE equivalent).")
         print(convert_hf_checkpoint(args.hf, args.out, _config(args)))
         return 0
     dense = _dense_model(args)
-    model = convert(dense, _config(args), example_inputs=_token_ids(dense, *EXPORT_SHAPE))
+    calibrate = args.calibrate or args.calibration_text is not None
+    calibration = _Text.for_model(args, dense).calibration_batches(args) if calibrate else None
+    model = convert(dense, _config(args), example_inputs=_token_ids(dense, *EXPORT_SHAPE),
+                    calibration_data=calibration)
     print(model.moe_report.table())
     print()
     print(model_stats(model).table())
     save(model, args.out)
     print(f"\nsaved to {args.out}")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.no_calibration and args.calibration_text is not None:
+        raise UsageError("--no-calibration and --calibration-text contradict each other; drop one.")
+    if args.windows < 1:
+        raise UsageError(f"--windows must be positive, got {args.windows}.")
+    if hasattr(args, "top_k"):
+        raise UsageError("eval sets top_k from each --active fraction (top_k = F * num_experts); drop --top-k.")
+    dense = _dense_model(args)
+    text = _Text.for_model(args, dense)
+    validation = text.tokens(args.text, "validation")
+    calibration = None if args.no_calibration else text.calibration_batches(args)
+    fields = {"experts": "split", **{name: getattr(args, name) for name in CONFIG_FLAGS if hasattr(args, name)}}
+    dense_perplexity = perplexity(dense, validation, length=text.length, max_windows=args.windows)
+    rows = []
+    for fraction in args.active:
+        rows.append(evaluate_split(dense, fields, fraction, validation, calibration, text.length, args.windows))
+        print(f"{fraction:.1%} active: perplexity {rows[-1]['perplexity']:.3f}", file=sys.stderr, flush=True)
+    print(evaluation_table(dense_perplexity, rows))
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps({"dense_perplexity": dense_perplexity, "window_length": text.length,
+                                               "windows": args.windows, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+@dataclass
+class _Text:
+    """How text becomes a model's token ids: its --hf tokenizer, or bytes (tokenizer None); windows of `length`."""
+
+    tokenizer: Any
+    length: int
+
+    @classmethod
+    def for_model(cls, args: argparse.Namespace, model: nn.Module) -> "_Text":
+        config = getattr(model, "config", None)
+        context = next((getattr(config, name) for name in ("block_size", "n_positions", "max_position_embeddings")
+                        if isinstance(getattr(config, name, None), int)), 128)
+        length = args.length if args.length is not None else min(context, 128)
+        if not 1 <= length <= context:
+            raise UsageError(f"--length {length}: windows must be 1 to {context} tokens, the model's context.")
+        if args.hf is not None:
+            from transformers import AutoTokenizer
+
+            try:
+                return cls(AutoTokenizer.from_pretrained(args.hf, local_files_only=True), length)
+            except (OSError, ValueError) as error:
+                raise UsageError(f"--hf {args.hf}: no tokenizer to read the text with ({error}). Save one there with "
+                                 "tokenizer.save_pretrained(DIR).") from None
+        vocab = getattr(config, "vocab_size", 0)
+        if vocab < 256:
+            raise UsageError(f"the model's vocabulary has {vocab} tokens, too few for byte-level text (256). Use a "
+                             "byte-level GPT (--checkpoint) or an --hf directory with its tokenizer.")
+        return cls(None, length)
+
+    def tokens(self, files: Optional[list[str]], split: str) -> torch.Tensor:
+        """Token ids [n] of the text files joined, or of the standard library's `split`."""
+        for name in files or ():
+            if not Path(name).is_file():
+                raise UsageError(f"{name}: no such text file.")
+        return token_ids(b"\n".join(Path(name).read_bytes() for name in files) if files else stdlib_text(split),
+                         self.tokenizer)
+
+    def calibration_batches(self, args: argparse.Namespace) -> list[torch.Tensor]:
+        """--calibration-windows windows of the --calibration-text (default: the standard library's training split)."""
+        if args.calibration_windows < 1:
+            raise UsageError(f"--calibration-windows must be positive, got {args.calibration_windows}.")
+        return calibration_batches(self.length, args.calibration_windows,
+                                   data=self.tokens(args.calibration_text, "train"))
 
 
 def _export(args: argparse.Namespace) -> int:

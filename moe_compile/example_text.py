@@ -1,10 +1,12 @@
-"""Text every machine has: the Python standard library's own source, as bytes, for the small trained GPTs.
+"""Text every machine has: the Python standard library's own source, for the small trained GPTs and for
+`moe-compile eval`.
 
-A fixed list of modules, split by file: TRAIN_FILES train the models, VALIDATION_FILES measure them (and are
-where calibration batches are drawn from). Bytes are the tokens (vocabulary 256). The modules' text changes a
-little between Python versions, so figures are comparable only on one Python (they were measured on 3.11).
+A fixed list of modules, split by file: TRAIN_FILES train the models and give the calibration batches,
+VALIDATION_FILES measure them. Bytes are the tokens of the byte-level GPTs (vocabulary 256); a transformers
+model's tokenizer tokenizes the same text (token_ids). The modules' text changes a little between Python
+versions, so figures are comparable only on one Python (they were measured on 3.11).
 
-    perplexity = exp(mean over predicted bytes of -log p(next byte))
+    perplexity = exp(mean over predicted tokens of -log p(next token))
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 import sysconfig
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,31 +33,46 @@ TRAIN_FILES = (
 VALIDATION_FILES = ("textwrap.py", "ftplib.py", "smtplib.py", "imaplib.py", "codecs.py", "cmd.py")
 
 
-def stdlib_bytes(split: str) -> torch.Tensor:
-    """The concatenated files of one split ("train" or "validation") as a uint8 tensor."""
+def stdlib_text(split: str) -> bytes:
+    """The concatenated files of one split ("train" or "validation")."""
     files = {"train": TRAIN_FILES, "validation": VALIDATION_FILES}.get(split)
     if files is None:
-        raise ValueError(f"stdlib_bytes: unknown split {split!r}. Use 'train' or 'validation'.")
+        raise ValueError(f"stdlib_text: unknown split {split!r}. Use 'train' or 'validation'.")
     root = Path(sysconfig.get_paths()["stdlib"])
     missing = [name for name in files if not (root / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"stdlib_bytes: {root} lacks {missing}; this needs a CPython 3.10+ standard library "
+        raise FileNotFoundError(f"stdlib_text: {root} lacks {missing}; this needs a CPython 3.10+ standard library "
                                 "with its .py sources installed.")
-    data = b"\n".join((root / name).read_bytes() for name in files)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return b"\n".join((root / name).read_bytes() for name in files)
+
+
+def stdlib_bytes(split: str) -> torch.Tensor:
+    """One split's text as a uint8 tensor: the token ids of the byte-level GPTs."""
+    return torch.frombuffer(bytearray(stdlib_text(split)), dtype=torch.uint8)
+
+
+def token_ids(text: bytes, tokenizer: Optional[Any] = None) -> torch.Tensor:
+    """`text` as int64 token ids [n]: its bytes, or what a transformers tokenizer makes of it (no special tokens)."""
+    if tokenizer is None:
+        return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    ids = tokenizer(text.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def windows(data: torch.Tensor, length: int, count: int, seed: int) -> torch.Tensor:
-    """`count` windows of `length + 1` bytes at seeded random offsets, as int64 [count, length + 1]."""
+    """`count` windows of `length + 1` tokens at seeded random offsets, as int64 [count, length + 1]."""
+    if len(data) < length + 2:
+        raise ValueError(f"windows: {len(data)} tokens are too few for windows of {length + 1}; give more text.")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(data) - length - 1, (count,), generator=generator)
     return torch.stack([data[s:s + length + 1] for s in starts.tolist()]).long()
 
 
 def calibration_batches(length: int = 128, count: int = 64, batch_size: int = 16, seed: int = 1,
-                        split: str = "train") -> list[torch.Tensor]:
-    """Token-id batches [batch, length] for convert(calibration_data=...), drawn from one split."""
-    ids = windows(stdlib_bytes(split), length, count, seed)[:, :-1]
+                        split: str = "train", data: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """Token-id batches [batch, length] for convert(calibration_data=...), drawn from `data` (token ids [n]),
+    by default the bytes of one split of the standard library text."""
+    ids = windows(stdlib_bytes(split) if data is None else data, length, count, seed)[:, :-1]
     return list(ids.split(batch_size))
 
 
@@ -64,6 +81,8 @@ def perplexity(model: torch.nn.Module, data: torch.Tensor, length: int = 128, ba
                max_windows: int = 256, progress: Callable[[Iterator], Iterator] = iter) -> float:
     """Perplexity of `model` on consecutive non-overlapping windows of `data` (at most `max_windows`)."""
     count = min((len(data) - 1) // length, max_windows)
+    if count < 1:
+        raise ValueError(f"perplexity: {len(data)} tokens do not fill one window of {length + 1}; give more text.")
     ids = data[: count * length + 1].long()
     inputs, targets = ids[:-1].view(count, length), ids[1:].view(count, length)
     total = 0.0

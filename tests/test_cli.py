@@ -14,9 +14,14 @@ import torch
 
 import moe_compile
 from moe_compile.cli import CHECK_SHAPE, EXPORT_SHAPE, main
+from moe_compile.example_text import stdlib_text
 from tests.conftest import logits_of, make_dense_model
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "examples" / "checkpoints" / "tiny_gpt_relu.safetensors"  # a trained byte-level GPT
+# small calibration and validation: these tests check the plumbing, examples/eval_split_experts.py the quality
+FAST_EVAL = ("--windows", "4", "--length", "32", "--calibration-windows", "8", "--calibration-tokens", "256",
+             "--distill-steps", "0")
 
 
 def run(capsys, *argv):
@@ -81,7 +86,7 @@ def test_python_dash_m_runs_the_cli():
 
 @pytest.mark.parametrize("argv, message", [
     ([], r"the following arguments are required: COMMAND"),
-    (["inspect"], r"one of the arguments --example --hf --model is required"),
+    (["inspect"], r"one of the arguments --example --checkpoint --hf --model is required"),
     (["inspect", "--example", "nanogpt", "--hf", "x"], r"argument --hf: not allowed with argument --example"),
     (["inspect", "--example", "nanogpt", "--top-k", "9"],
      r"MoEConfig.top_k: top_k=9 is more than num_experts=8. Lower top_k or raise num_experts."),
@@ -93,6 +98,17 @@ def test_python_dash_m_runs_the_cli():
     (["inspect", "--model", "/no/such/dir"], r"load: /no/such/dir is not a directory"),
     (["export", "/no/such/dir", "--target", "openvino", "--out", "m.onnx"], r"argument --target: invalid choice"),
     (["check", "/no/such/dir", "/no/such.onnx"], r"/no/such.onnx: no such file"),
+    (["eval", "--checkpoint", "/no/such.safetensors"], r"load_checkpoint: /no/such.safetensors does not exist"),
+    (["eval", "--checkpoint", str(CHECKPOINT), "--top-k", "2"], r"eval sets top_k from each --active fraction"),
+    (["eval", "--checkpoint", str(CHECKPOINT), "--active", "0.3", "--no-calibration", "--windows", "1"],
+     r"active fraction 0.3: 8 experts cannot run exactly that share"),
+    (["eval", "--checkpoint", str(CHECKPOINT), "--text", "/no/such.txt"], r"/no/such.txt: no such text file"),
+    (["eval", "--checkpoint", str(CHECKPOINT), "--length", "500"], r"--length 500: windows must be 1 to 128 tokens"),
+    (["eval", "--checkpoint", str(CHECKPOINT), "--no-calibration", "--calibration-text", "a.txt"],
+     r"--no-calibration and --calibration-text contradict each other"),
+    (["eval", "--checkpoint", str(CHECKPOINT), "--experts", "upcycle", "--no-calibration", "--windows", "1"],
+     r"experts='upcycle' runs k whole copies of the FFN"),
+    (["convert", "--hf", "x", "--format", "hf", "--calibrate", "--out", "y"], r"--format hf .* cannot calibrate"),
 ])
 def test_bad_input_prints_one_line_and_exits_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -161,3 +177,48 @@ def test_export_tensorrt_target_and_engine(capsys, saved_nanogpt, tmp_path):
         assert code == 2 and "TensorRT is not installed" in err and err.count("\n") == 1
     else:
         assert code == 0 and engine.is_file(), err
+
+
+def test_eval_trained_checkpoint_per_active_fraction(capsys, tmp_path):
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(CHECKPOINT), "--active", "0.25", "1", "--shared-experts",
+                       "0", *FAST_EVAL, "--json", str(tmp_path / "eval.json"))
+    assert code == 0
+    assert re.search(r"dense\s+100%", out) and re.search(r"MoE\s+25.0%\s+2 of 8 \(0 shared\)", out)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    quarter, whole = result["rows"]
+    assert whole["perplexity"] == pytest.approx(result["dense_perplexity"], rel=1e-5)  # k = E: the dense FFN
+    assert quarter["perplexity"] > result["dense_perplexity"]
+    assert (quarter["config"]["split_strategy"], quarter["config"]["router_init"]) == ("coactivation", "calibrated")
+    assert 0 < quarter["router_recall_held_out"] <= 1
+
+
+def test_eval_hf_model_reads_text_with_its_tokenizer(capsys, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import VOCAB
+
+    words = dict.fromkeys(stdlib_text("train").decode().split())
+    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(list(words)[:VOCAB - 1])}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    make_dense_model("hf-llama").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path)
+    code, out, _ = run(capsys, "eval", "--hf", str(tmp_path), "--num-experts", "4", "--active", "0.5", *FAST_EVAL)
+    assert code == 0 and re.search(r"MoE\s+50.0%\s+2 of 4", out)
+
+    (tmp_path / "tokenizer.json").unlink()
+    code, _, err = run(capsys, "eval", "--hf", str(tmp_path), "--num-experts", "4", "--active", "0.5", *FAST_EVAL)
+    assert code == 2 and "no tokenizer to read the text with" in err
+
+
+def test_convert_with_calibration_flags(capsys, tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text(stdlib_text("validation").decode()[:20000])
+    code, out, _ = run(capsys, "convert", "--checkpoint", str(CHECKPOINT), "--experts", "split", "--top-k", "4",
+                       "--calibration-text", str(text), "--calibration-windows", "8", "--calibration-tokens", "256",
+                       "--distill-steps", "3", "--no-compensate", "--out", str(tmp_path / "moe"))
+    assert code == 0
+    config = moe_compile.load(tmp_path / "moe").moe_report.config
+    assert (config.split_strategy, config.router_init, config.shared_experts, config.compensate,
+            config.distill_steps) == ("coactivation", "calibrated", 0, False, 3)
