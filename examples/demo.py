@@ -1,5 +1,6 @@
 """The main job on the embedded example GPT: find its FFNs, convert them with every routing, compare with the
-dense model, export each MoE model to ONNX and check it in ONNX Runtime.
+dense model, export each MoE model to ONNX and check it in ONNX Runtime. Then what split experts cost in quality
+on a trained GPT (examples/checkpoints), data-free and calibrated.
 
     python3 dev.py demo          (or: .venv/bin/python examples/demo.py)
 """
@@ -13,8 +14,12 @@ from pathlib import Path
 import torch
 
 import moe_compile as mc
-from moe_compile.example_models import build_example
+from moe_compile.evaluate import evaluate_split
+from moe_compile.example_models import build_example, load_checkpoint
+from moe_compile.example_text import calibration_batches, perplexity, stdlib_bytes
 from moe_compile.table import format_table
+
+TRAINED = Path(__file__).resolve().parent / "checkpoints" / "tiny_gpt_swiglu.safetensors"
 
 # (label, MoEConfig, ONNX target): exact rows must reproduce the dense model; sparse rows trade accuracy for FLOPs.
 RECIPES = [
@@ -76,6 +81,24 @@ def main() -> None:
     print(f"\nONNX files in {out_dir}")
     if not all(r[-1] == "pass" for r in rows):
         raise SystemExit("demo: an ONNX export did not match eager PyTorch")
+    trained_quality()
+
+
+def trained_quality(experts: int = 32, active: float = 0.25) -> None:
+    """Validation perplexity of the trained SwiGLU GPT, dense and split to `active` of its FFN three ways."""
+    dense = load_checkpoint(TRAINED)
+    validation, batches = stdlib_bytes("validation"), calibration_batches()
+    dense_ppl = perplexity(dense, validation, max_windows=64)
+    rows = [("dense", "100%", f"{dense_ppl:.3f}", "-", "-")]
+    for label, fields, data in (("split, data-free", {}, None),
+                                ("split, calibrated (training-free)", {"distill_steps": 0}, batches),
+                                ("split, calibrated + distillation", {}, batches)):
+        row = evaluate_split(dense, {"num_experts": experts, **fields}, active, validation, data, max_windows=64)
+        rows.append((label, f"{row['active']:.0%}", f"{row['perplexity']:.3f}",
+                      f"{row['perplexity'] / dense_ppl - 1:+.1%}", f"{row['convert_seconds']:.1f} s"))
+    print()
+    print(format_table([("model", "active FFN", "perplexity", "vs dense", "convert"), *rows],
+                       f"== Quality on a trained GPT ({TRAINED.name}, E = {experts}, validation text) =="))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Targets:
   portable  standard ONNX ops only (no custom domain, no Loop/If): the MoE layer's own forward, exported by the
             dynamo exporter. Router MatMul, Softmax, TopK; the choices sorted by expert (TopK on an int64 key);
             one Gather of the token rows; per expert a Slice with data-dependent bounds and plain MatMuls (Gemm)
-            against that expert's own 2-D weight initializers, which ONNX Runtime prepacks; a ScatterND-add of
-            the gated rows back to their tokens. Exact and dropless unless the model has a capacity; the node
-            count grows linearly with the number of experts.
+            against that expert's own 2-D weight initializers, which ONNX Runtime prepacks; the experts' rows
+            concatenated, then gathered back per choice rank and summed (expert choice: a ScatterND-add).
+            Exact and dropless unless the model has a capacity; the node count grows linearly with the number
+            of experts.
   ort       each MoE layer that com.microsoft.MoE expresses exactly becomes that one node (see ort_moe.py);
             every other layer keeps the portable lowering and the report says why (or, with
             fallback=False, export raises LoweringError).
