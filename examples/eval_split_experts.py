@@ -175,6 +175,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, result in zip(axes[0], results):
@@ -184,6 +185,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax.axhline(result["dense"], color="black", linestyle="--", label="dense")
         ax.set(title=f"{result['variant']} GPT, E = {CURVE_EXPERTS}", xlabel="active FFN neurons (%)",
                ylabel="validation perplexity", yscale="log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
