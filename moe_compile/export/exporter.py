@@ -2,12 +2,13 @@
 
 Targets:
   portable  standard ONNX ops only (no custom domain, no Loop/If): the MoE layer's own forward, exported by the
-            dynamo exporter. Router MatMul, Softmax, TopK; the choices sorted by expert (TopK on an int64 key);
-            one Gather of the token rows; per expert a Slice with data-dependent bounds and plain MatMuls (Gemm)
-            against that expert's own 2-D weight initializers, which ONNX Runtime prepacks; the experts' rows
-            concatenated, then gathered back per choice rank and summed (expert choice: a ScatterND-add).
-            Exact and dropless unless the model has a capacity; the node count grows linearly with the number
-            of experts.
+            dynamo exporter once per distinct layer structure and inlined at each layer (layer_functions.py).
+            Router MatMul, Softmax, TopK; the choices sorted by expert (TopK on an int64 key); one Gather of the
+            token rows; per expert a Slice with data-dependent bounds and plain MatMuls (Gemm) against that
+            expert's 2-D weights (constant slices of the stacked initializers, which ONNX Runtime folds and
+            prepacks); the experts' rows concatenated, then gathered back per choice rank and summed (expert
+            choice: a ScatterND-add). Exact and dropless unless the model has a capacity; the node count grows
+            linearly with the number of experts.
   ort       each MoE layer that com.microsoft.MoE expresses exactly becomes that one node (see ort_moe.py);
             every other layer keeps the portable lowering and the report says why (or, with
             fallback=False, export raises LoweringError).
@@ -32,9 +33,11 @@ from ..errors import LoweringError, MoECompileError, first_line
 from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelCall, ModelInputs, as_model_inputs, widened
 from ..moe import MoELayer, iter_moe_layers
 from ..passes.rewrite import replace_submodule
+from .layer_functions import LayerFunctions
 from .ort_moe import OP_NAME, OrtMoE, may_drop, ort_unsupported_reason
 from .report import ExportReport, LayerLowering
-from .trt_moe import OP_NAME as TRT_OP_NAME, TensorRTMoE, tensorrt_unsupported_reason
+from .trt_moe import OP_NAME as TRT_OP_NAME
+from .trt_moe import TensorRTMoE, tensorrt_unsupported_reason
 
 TARGETS = ("portable", "ort", "tensorrt")
 DTYPES = (torch.float32, torch.float16)
@@ -72,19 +75,27 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
 
     work = copy.deepcopy(model).eval()
     example = widened(inputs) if dynamic else inputs
+    layer_inputs: dict[nn.Module, torch.Tensor] = {}  # what each MoE layer receives in the eager run
+    hooks = [layer.register_forward_pre_hook(lambda module, args: layer_inputs.setdefault(module, args[0].detach()))
+             for _, layer in iter_moe_layers(work)]
     try:  # eager, before lowering: the output names, and a clear error when the example does not fit the model
         output_names = list(ModelCall(work).named(example))
     except Exception as error:  # the model's own code raises; say which inputs it was given
         raise MoECompileError(f"export: {type(model).__name__} fails on the example inputs ({inputs.describe(model)}): "
                               f"{first_line(error, 200)} Pass "
                               f"{EXAMPLE_INPUTS_HELP}.") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
     if dtype is not None:
         work = work.to(dtype)
     dtype_name = str(dtype or next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32))
-    layers = []
+    layers, functions = [], LayerFunctions()
     for name, layer in list(iter_moe_layers(work)):
         replacement, lowering = _lower(name, layer, target, fallback)
         layers.append(lowering)
+        if replacement is None and layer in layer_inputs:  # portable: one traced function per layer structure
+            replacement = functions.call(layer, layer_inputs[layer].to(layer.up_weight.dtype))
         if replacement is not None:
             work = replace_submodule(work, name, replacement)
 
@@ -96,6 +107,7 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
         program = torch.onnx.export(ModelCall(work, tuple(example.kwargs)).eval(), tuple(example.tensors()),
                                     dynamo=True, dynamic_shapes=dynamic_shapes, input_names=inputs.names(model),
                                     output_names=output_names, opset_version=opset, verbose=False)
+        functions.inline_into(program.model, dynamic, _opset_of(program))
     program.save(os.fspath(path))
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
                         opset=_opset_of(program))
@@ -172,4 +184,4 @@ def _quiet_exporter():
 
 
 def _opset_of(program) -> Optional[int]:
-    return next((entry.version for entry in program.model_proto.opset_import if entry.domain in ("", "ai.onnx")), None)
+    return program.model.opset_imports.get("")
