@@ -90,7 +90,7 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
     if dtype is not None:
         work = work.to(dtype)
     dtype_name = str(dtype or next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32))
-    layers, functions = [], LayerFunctions()
+    layers, functions = [], LayerFunctions(dynamic)
     for name, layer in list(iter_moe_layers(work)):
         replacement, lowering = _lower(name, layer, target, fallback)
         layers.append(lowering)
@@ -107,7 +107,7 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
         program = torch.onnx.export(ModelCall(work, tuple(example.kwargs)).eval(), tuple(example.tensors()),
                                     dynamo=True, dynamic_shapes=dynamic_shapes, input_names=inputs.names(model),
                                     output_names=output_names, opset_version=opset, verbose=False)
-        functions.inline_into(program.model, dynamic, _opset_of(program))
+        functions.inline_into(program.model, _opset_of(program))
     program.save(os.fspath(path))
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
                         opset=_opset_of(program))

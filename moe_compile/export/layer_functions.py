@@ -32,17 +32,18 @@ def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*module.named_parameters(), *module.named_buffers()]
 
 
-def structure_key(layer: MoELayer, example: torch.Tensor) -> tuple:
+def structure_key(layer: MoELayer, example: torch.Tensor, dynamic: bool = True) -> tuple:
     """Equal for two layers whose exported graphs differ only in their weights' values: every submodule's type and
     settings (repr of each attribute that is not a tensor, module or per-forward state), the tensors' names, shapes
-    and dtypes, and the input's rank, width and dtype."""
+    and dtypes, and the input's dtype and width, or its whole shape when the graph is static (dynamic=False)."""
     settings = tuple(
         (name, type(module).__qualname__,
          tuple((attr, repr(value)) for attr, value in vars(module).items()
                if not attr.startswith("_") and attr not in _RUN_STATE and not isinstance(value, torch.Tensor)))
         for name, module in layer.named_modules())
     tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in _tensors(layer))
-    return settings, tensors, example.dim(), example.shape[-1], example.dtype
+    shape = (example.dim(), example.shape[-1]) if dynamic else tuple(example.shape)
+    return settings, tensors, shape, example.dtype
 
 
 class LayerCall(nn.Module):
@@ -79,22 +80,23 @@ class _WeightsAsInputs(nn.Module):
 class LayerFunctions:
     """The layers lowered as functions: `call` gives each its placeholder, `inline_into` puts the graphs in."""
 
-    def __init__(self) -> None:
+    def __init__(self, dynamic: bool) -> None:
+        self.dynamic = dynamic  # batch and sequence axes dynamic, as in the model's export
         self._functions: dict[tuple, tuple[str, MoELayer, torch.Tensor]] = {}  # key -> (op name, layer, example)
 
     def call(self, layer: MoELayer, example: torch.Tensor) -> LayerCall:
         """The placeholder of `layer`, which receives `example` in the model (its shape and dtype)."""
-        key = structure_key(layer, example)
+        key = structure_key(layer, example, self.dynamic)
         if key not in self._functions:
             self._functions[key] = (f"layer_{len(self._functions)}", layer, example)
         return LayerCall(layer, self._functions[key][0])
 
-    def inline_into(self, model: ir.Model, dynamic: bool, opset: Optional[int]) -> None:
+    def inline_into(self, model: ir.Model, opset: Optional[int]) -> None:
         """Export one layer per structure as a function of `model`, then inline every call."""
         if not self._functions:
             return
         for op_name, layer, example in self._functions.values():
-            function = _export_function(layer, example, op_name, dynamic, opset)
+            function = _export_function(layer, example, op_name, self.dynamic, opset)
             model.functions[function.identifier()] = function
             for domain, version in function.opset_imports.items():
                 model.opset_imports.setdefault(domain, version)

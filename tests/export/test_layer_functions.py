@@ -12,7 +12,7 @@ from moe_compile.export import layer_functions
 from moe_compile.moe import iter_moe_layers
 
 from ..conftest import VOCAB
-from .conftest import CHECK_SHAPES, to_moe, token_ids
+from .conftest import CHECK_SHAPES, features, one_layer_moe, to_moe, token_ids
 
 
 def three_layer_moe(**config) -> torch.nn.Module:
@@ -26,6 +26,7 @@ def test_structure_key_separates_what_changes_the_graph():
     key = layer_functions.structure_key
     assert key(first, x) == key(second, x)  # other weights, same graph
     assert key(first, x) != key(first, x.half()) and key(first, x) != key(first, x[0])
+    assert key(first, x) == key(first, x[:1]) and key(first, x, dynamic=False) != key(first, x[:1], dynamic=False)
     second.router.top_k = 1
     assert key(first, x) != key(second, x)
 
@@ -48,3 +49,22 @@ def test_one_trace_per_structure_and_parity_everywhere(monkeypatch, tmp_path):
     for seed, shape in enumerate(CHECK_SHAPES):
         report = moe_compile.check_parity(model, tmp_path / "m.onnx", token_ids(shape, seed))
         assert report.passed, report.table()
+
+
+class TwoLengths(torch.nn.Module):
+    """Two MoE layers of one structure that see different sequence lengths (as an encoder and a decoder may)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = one_layer_moe(seed=1), one_layer_moe(seed=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.first(x), self.second(x[:, :3])], dim=1)
+
+
+def test_a_static_graph_gets_a_function_per_input_shape(tmp_path):
+    model = TwoLengths().eval()
+    x = features((2, 8))
+    moe_compile.export(model, x, tmp_path / "m.onnx", dynamic=False)
+    report = moe_compile.check_parity(model, tmp_path / "m.onnx", x)
+    assert report.passed, report.table()
