@@ -75,9 +75,10 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
 
     work = copy.deepcopy(model).eval()
     example = widened(inputs) if dynamic else inputs
-    layer_inputs: dict[nn.Module, torch.Tensor] = {}  # what each MoE layer receives in the eager run
-    hooks = [layer.register_forward_pre_hook(lambda module, args: layer_inputs.setdefault(module, args[0].detach()))
-             for _, layer in iter_moe_layers(work)]
+    layer_inputs: dict[nn.Module, list[torch.Tensor]] = {}  # what each MoE layer receives in the eager run
+    hooks = [layer.register_forward_pre_hook(
+        lambda module, args: layer_inputs.setdefault(module, []).append(args[0].detach()))
+        for _, layer in iter_moe_layers(work)]
     try:  # eager, before lowering: the output names, and a clear error when the example does not fit the model
         output_names = list(ModelCall(work).named(example))
     except Exception as error:  # the model's own code raises; say which inputs it was given
@@ -94,8 +95,8 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
     for name, layer in list(iter_moe_layers(work)):
         replacement, lowering = _lower(name, layer, target, fallback)
         layers.append(lowering)
-        if replacement is None and layer in layer_inputs:  # portable: one traced function per layer structure
-            replacement = functions.call(layer, layer_inputs[layer].to(layer.up_weight.dtype))
+        if replacement is None:  # portable: one traced function per layer structure
+            replacement = functions.call(layer, [x.to(layer.up_weight.dtype) for x in layer_inputs.get(layer, [])])
         if replacement is not None:
             work = replace_submodule(work, name, replacement)
 

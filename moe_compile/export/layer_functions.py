@@ -84,11 +84,15 @@ class LayerFunctions:
         self.dynamic = dynamic  # batch and sequence axes dynamic, as in the model's export
         self._functions: dict[tuple, tuple[str, MoELayer, torch.Tensor]] = {}  # key -> (op name, layer, example)
 
-    def call(self, layer: MoELayer, example: torch.Tensor) -> LayerCall:
-        """The placeholder of `layer`, which receives `example` in the model (its shape and dtype)."""
-        key = structure_key(layer, example, self.dynamic)
+    def call(self, layer: MoELayer, examples: list[torch.Tensor]) -> Optional[LayerCall]:
+        """The placeholder of `layer`, given what it receives in the model (each call's input); None when it is
+        never called, or called on inputs one function cannot take (then the layer is traced where it stands)."""
+        keys = {structure_key(layer, example, self.dynamic) for example in examples}
+        if len(keys) != 1:
+            return None
+        key, = keys
         if key not in self._functions:
-            self._functions[key] = (f"layer_{len(self._functions)}", layer, example)
+            self._functions[key] = (f"layer_{len(self._functions)}", layer, examples[0])
         return LayerCall(layer, self._functions[key][0])
 
     def inline_into(self, model: ir.Model, opset: Optional[int]) -> None:

@@ -68,3 +68,22 @@ def test_a_static_graph_gets_a_function_per_input_shape(tmp_path):
     moe_compile.export(model, x, tmp_path / "m.onnx", dynamic=False)
     report = moe_compile.check_parity(model, tmp_path / "m.onnx", x)
     assert report.passed, report.table()
+
+
+class OneLayerTwice(torch.nn.Module):
+    """One MoE layer called on two sequence lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.ffn = one_layer_moe()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.ffn(x), self.ffn(x[:, :3])], dim=1)
+
+
+def test_a_layer_called_on_two_static_shapes_is_traced_where_it_stands(tmp_path):
+    model = OneLayerTwice().eval()
+    x = features((2, 8))
+    moe_compile.export(model, x, tmp_path / "m.onnx", dynamic=False)
+    report = moe_compile.check_parity(model, tmp_path / "m.onnx", x)
+    assert report.passed, report.table()
