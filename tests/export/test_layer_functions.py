@@ -4,6 +4,7 @@ holds standard ops only, no function, and computes what eager PyTorch computes."
 from __future__ import annotations
 
 import onnx
+import pytest
 import torch
 
 import moe_compile
@@ -62,16 +63,8 @@ class TwoLengths(torch.nn.Module):
         return torch.cat([self.first(x), self.second(x[:, :3])], dim=1)
 
 
-def test_a_static_graph_gets_a_function_per_input_shape(tmp_path):
-    model = TwoLengths().eval()
-    x = features((2, 8))
-    moe_compile.export(model, x, tmp_path / "m.onnx", dynamic=False)
-    report = moe_compile.check_parity(model, tmp_path / "m.onnx", x)
-    assert report.passed, report.table()
-
-
 class OneLayerTwice(torch.nn.Module):
-    """One MoE layer called on two sequence lengths."""
+    """One MoE layer called on two sequence lengths (it is traced where it stands)."""
 
     def __init__(self):
         super().__init__()
@@ -81,8 +74,9 @@ class OneLayerTwice(torch.nn.Module):
         return torch.cat([self.ffn(x), self.ffn(x[:, :3])], dim=1)
 
 
-def test_a_layer_called_on_two_static_shapes_is_traced_where_it_stands(tmp_path):
-    model = OneLayerTwice().eval()
+@pytest.mark.parametrize("model_class", [TwoLengths, OneLayerTwice])
+def test_a_static_graph_takes_each_layer_input_shape(tmp_path, model_class):
+    model = model_class().eval()
     x = features((2, 8))
     moe_compile.export(model, x, tmp_path / "m.onnx", dynamic=False)
     report = moe_compile.check_parity(model, tmp_path / "m.onnx", x)
