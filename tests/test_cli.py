@@ -109,6 +109,8 @@ def test_python_dash_m_runs_the_cli():
     (["eval", "--checkpoint", str(CHECKPOINT), "--experts", "upcycle", "--no-calibration", "--windows", "1"],
      r"experts='upcycle' runs k whole copies of the FFN"),
     (["convert", "--hf", "x", "--format", "hf", "--calibrate", "--out", "y"], r"--format hf .* cannot calibrate"),
+    (["convert", "--checkpoint", str(CHECKPOINT), "--calibrate", "--calibration-windows", "1", "--out", "y"],
+     r"calibration builds split experts"),
 ])
 def test_bad_input_prints_one_line_and_exits_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)

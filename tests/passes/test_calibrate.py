@@ -119,6 +119,8 @@ def test_bad_calibration_input_is_refused(gpts, batches):
         mc.convert(gpts["relu"], dataclasses.replace(config, router_init="calibrated"))
     with pytest.raises(ValueError, match=r"MoEConfig.shared_experts: .*Pass calibration_data"):
         mc.convert(gpts["relu"], dataclasses.replace(config, shared_experts=1))
+    with pytest.raises(ValueError, match=r"calibration builds split experts .* experts='upcycle'"):
+        mc.convert(gpts["relu"], mc.MoEConfig(num_experts=8), calibration_data=batches, progress=False)
 
 
 def test_input_sample_is_bounded_uniform_and_seeded():
