@@ -109,7 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     conv.set_defaults(handler=_convert)
 
     evaluate = commands.add_parser("eval", help="validation perplexity of split experts against dense, per active "
-                                                "FFN fraction")
+                                                "FFN fraction",
+                                   description="Convert with split experts (eval's default for --experts) at each "
+                                               "active fraction, top_k = F * num_experts, and measure validation "
+                                               "perplexity against the dense model.")
     _add_source(evaluate, saved=False)
     evaluate.add_argument("--active", type=float, nargs="+", default=[0.125, 0.25, 0.5, 0.75], metavar="F",
                           help="active FFN fractions; top_k = F * num_experts (default 0.125 0.25 0.5 0.75)")
