@@ -177,8 +177,13 @@ class MoEConfig:
         return dataclasses.replace(self, **{name: defaults[name] for name in self.unset})
 
     def check_calibration(self, has_data: bool) -> None:
-        """Fail when a field needs calibration data that convert was not given."""
+        """Fail when a field needs calibration data that convert was not given, or data was given to experts that
+        have nothing to fit."""
         if has_data:
+            if self.experts != "split":
+                _fail("experts", f"calibration builds split experts from activations, and experts={self.experts!r} "
+                      "copies the whole FFN into each expert, so there is nothing to fit",
+                      "Use MoEConfig(experts='split', ...), or drop calibration_data.")
             return
         for name, value in NEEDS_CALIBRATION.items():
             if getattr(self, name) == value:

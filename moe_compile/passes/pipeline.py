@@ -199,14 +199,10 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
                               "as it is, or convert the dense model it came from.")
     given = None if example_inputs is None else as_model_inputs(example_inputs, "convert(example_inputs=...)")
     batches = None if calibration_data is None else list(calibration_data)
-    if batches is not None and config.experts != "split":
-        raise ValueError(f"convert(calibration_data=...): calibration builds split experts from activations, and "
-                         f"experts={config.experts!r} copies the whole FFN into each expert, so there is nothing to "
-                         "fit. Use MoEConfig(experts='split', ...), or drop calibration_data.")
+    if batches is not None or not weights_follow:
+        config.check_calibration(has_data=batches is not None)
     if batches is not None:
         config = config.with_calibration()
-    elif not weights_follow:
-        config.check_calibration(has_data=False)
     target = model if inplace else copy.deepcopy(model)
     sites, notes = _scan(target, _search_inputs(target, given), given=given is not None)
     todo = [s for s in sites if s.report.action == "found"]
