@@ -8,8 +8,8 @@ structure (module types, settings, tensor names, shapes and dtypes) differ only 
      are the model's initializers, under the layer's own names (`LayerCall`);
   2. one layer of each structure is exported alone, its weights graph inputs, and that graph becomes the ONNX
      function layer_<i>(x, w_1, ..., w_n) -> y;
-  3. the functions are inlined and small constant slices folded, so the file holds the same standard-op graph a
-     whole-model export gives, and the runtime needs no support for functions.
+  3. the functions are inlined, small constant slices folded and constants made initializers again, so the file
+     holds the same standard-op graph a whole-model export gives, and the runtime needs no support for functions.
 """
 
 from __future__ import annotations
@@ -110,6 +110,9 @@ class LayerFunctions:
         onnxscript.optimizer.fold_constants(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ir.passes.common.RemoveUnusedFunctionsPass()(model)
+        # the functions' constants back to initializers, deduplicated, as the exporter leaves a whole-model graph
+        ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        ir.passes.common.DeduplicateInitializersPass()(model)
 
 
 def _export_function(layer: MoELayer, example: torch.Tensor, op_name: str, dynamic: bool,
