@@ -2,12 +2,18 @@
 
 What the op computes (ONNX Runtime >= 1.23 CPU kernel, checked against our eager layer in the tests):
 
-    p = softmax(router_logits)                              router_logits = x W_r^T, input 1
+    p = softmax(router_logits)                              input 1
     (g, e) = top-k of p;  g <- g / sum(g)  when normalize_routing_weights = 1
     y = sum_i g_i FFN_{e_i}(x)                              every token, no capacity (dropless)
     FFN_e(x) = fc2_w[e] act(fc1_w[e] x + fc1_b[e]) + fc2_b[e]        activation_type relu | gelu (tanh) | silu
              = fc2_w[e] (silu(g) * u) + fc2_b[e], [g0, u0, g1, u1, ...] = fc1_w[e] x + fc1_b[e]
                                                             swiglu with swiglu_fusion=1 (interleaved rows)
+
+The op's top-k breaks ties its own way (the CPU kernel: the higher expert index; the CUDA one: the lower), so
+the experts are chosen outside it, by the router's own rule (`top_k`: the lower index), and input 1 holds the
+logits with every expert not chosen masked to -inf: the op then has exactly k finite logits to pick, and its gates
+are the renormalised ones, softmax over the k = p_i / s with s = sum of the chosen p. A layer whose gates are p
+itself (switch, token choice without normalize) multiplies the op's output by s.
 
 A shared output bias (split experts) is an Add after the node, and so is a shared expert's output (split
 experts with shared neurons), computed with standard ops beside it. `ort_unsupported_reason` says why a layer
@@ -24,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..moe import MoELayer
+from ..moe.routers import top_k
 
 OP_NAME = "com.microsoft.MoE"
 
@@ -99,14 +106,20 @@ class OrtMoE(nn.Module):
             raise RuntimeError("OrtMoE is an ONNX node and computes nothing in eager PyTorch; it only exists in the "
                                "copy that moe_compile.export lowers. Run the MoELayer it was built from instead.")
         flat = x.reshape(-1, x.shape[-1])
-        attrs = {"k": self.top_k, "normalize_routing_weights": int(self.normalize),
-                 "activation_type": self.activation}
+        logits = F.linear(flat, self.router_weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = top_k(probs, self.top_k)
+        is_chosen = (chosen.unsqueeze(-1) == torch.arange(logits.shape[-1], device=x.device)).any(1)  # [T, E]
+        masked = logits.masked_fill(~is_chosen, float("-inf"))
+        attrs = {"k": self.top_k, "normalize_routing_weights": 1, "activation_type": self.activation}
         if self.activation == "swiglu":
             attrs.update(swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
         y = torch.onnx.ops.symbolic(
             "com.microsoft::MoE",
-            (flat, F.linear(flat, self.router_weight), self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias),
+            (flat, masked, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias),
             attrs, dtype=x.dtype, shape=flat.shape, version=1)
+        if not self.normalize:
+            y = y * probs.gather(1, chosen).sum(1, keepdim=True).to(y.dtype)
         if self.output_bias is not None:
             y = y + self.output_bias
         if self.shared is not None:

@@ -29,7 +29,9 @@ def test_ort_has_one_moe_node_per_converted_layer(exported, model_name):
     assert op_types(exp.graph).count(("com.microsoft", "MoE")) == len(layers)
     assert [(layer.name, layer.lowering, layer.may_drop) for layer in exp.report.layers] == [
         (name, "com.microsoft.MoE", False) for name in layers]
-    assert not any(op in ("TopK", "ScatterND", "ScatterElements") for _, op in op_types(exp.graph))
+    ops = [op for _, op in op_types(exp.graph)]
+    assert ops.count("TopK") == 2 * len(layers)  # the tie rule's selection of each token's k experts (top_k)
+    assert not {"ScatterND", "ScatterElements"} & set(ops)
 
 
 def test_ort_falls_back_for_erf_gelu_and_says_so(exported):
@@ -65,8 +67,9 @@ def test_portable_runs_each_expert_on_its_own_2d_weights(tmp_path, routing):
         expert_products = [node for node in products if node.input[1] != "model.ffn.router.weight"]
         assert len(expert_products) == 2 * experts
         assert all(initializers.get(node.input[1]) == 2 for node in expert_products)
-        # router top-k and the sort by expert; expert choice's per-expert top-C is already in expert order
-        assert [node.op_type for node in model.graph.node].count("TopK") == (1 if routing == "expert_choice" else 2)
+        # the selection (two TopKs: values, then the tie rule's keys) and the sort by expert; expert choice's
+        # per-expert top-C is already in expert order
+        assert [node.op_type for node in model.graph.node].count("TopK") == (2 if routing == "expert_choice" else 3)
 
 
 @pytest.mark.parametrize("target", ["ort", "portable"])

@@ -16,6 +16,7 @@ from moe_compile.moe.routers import (
     TokenChoiceRouter,
     build_router,
     capacity,
+    top_k,
 )
 
 
@@ -234,3 +235,40 @@ def test_no_jitter_is_deterministic_in_training():
     router = _router_with_weight(MoEConfig(num_experts=4), 8, seed=5).train()
     x = torch.randn(2, 10, 8)
     assert torch.equal(router(x).logits, router(x).logits)
+
+
+def _reference_top_k(row: list[float], k: int) -> list[int]:
+    """The k largest, by (score desc, index asc): the tie rule every runtime must follow."""
+    return sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+
+
+@pytest.mark.parametrize("n, k", [(2, 1), (8, 2), (8, 8), (37, 5), (64, 16)])
+def test_top_k_breaks_ties_to_the_lower_index(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.randint(0, 3, (50, n), generator=g).float() / 3  # few distinct values: ties everywhere
+    ordered, unordered = top_k(scores, k), top_k(scores, k, ordered=False)
+    for row, got, got_set in zip(scores.tolist(), ordered.tolist(), unordered.tolist()):
+        expected = _reference_top_k(row, k)
+        assert got == expected
+        assert sorted(got_set) == sorted(expected)
+
+
+def test_token_choice_ties_go_to_the_lower_expert():
+    probs = torch.full((5, 8), 1 / 8)
+    probs[1, 6] = probs[1, 3] = 0.2  # a tie above the rest
+    gates, ids = TokenChoiceRouter(8, 8, 2, None, normalize=False).select(probs)
+    assert ids[0].tolist() == [0, 1] and ids[1].tolist() == [3, 6]
+    assert gates[0].tolist() == [0.125, 0.125]
+
+
+def test_switch_ties_go_to_the_lower_expert():
+    dispatch = SwitchRouter(8, 4, capacity_factor=4.0).route(torch.full((6, 4), 0.25), torch.Size([1, 6]))
+    assert dispatch.counts.tolist() == [6, 0, 0, 0]
+
+
+def test_expert_choice_ties_go_to_the_earlier_token():
+    probs = torch.full((8, 2), 0.5)
+    probs[5] = torch.tensor([0.9, 0.1])
+    dispatch = ExpertChoiceRouter(8, 2, 1, capacity_factor=1.0).route(probs, torch.Size([1, 8]))  # C = 4
+    tokens = dispatch.token.view(2, 4).tolist()
+    assert tokens[0] == [5, 0, 1, 2] and tokens[1] == [0, 1, 2, 3]  # above the C-th score first, then ties by position

@@ -2,7 +2,7 @@
 
 from ...config import MoEConfig
 from ..dispatch import Dispatch
-from .base import Router, RouterOutput, capacity
+from .base import Router, RouterOutput, capacity, top_k
 from .expert_choice import ExpertChoiceRouter
 from .switch import SwitchRouter
 from .token_choice import TokenChoiceRouter
@@ -18,5 +18,5 @@ def build_router(config: MoEConfig, d_model: int) -> Router:
                               config.expert_choice_group, config.router_jitter)
 
 
-__all__ = ["Dispatch", "Router", "RouterOutput", "capacity", "build_router",
+__all__ = ["Dispatch", "Router", "RouterOutput", "capacity", "top_k", "build_router",
            "TokenChoiceRouter", "SwitchRouter", "ExpertChoiceRouter"]

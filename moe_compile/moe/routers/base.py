@@ -11,6 +11,9 @@ Auxiliary losses (computed in training and eval, read by `moe_compile.aux_loss`)
     load balancing (Switch Transformer)  L_lb = E * sum_e f_e * P_e   (f_e = share of routing choices that
                                                                         picked e, P_e = mean prob of e)
     router z-loss (ST-MoE)               L_z  = mean_t logsumexp(logits_t)^2
+
+Every selection over scores (top-k experts of a token, top-C tokens of an expert) goes through `top_k`, whose
+tie rule (equal scores: the lower index wins) is written in the graph's ops, not left to a runtime's TopK.
 """
 
 from __future__ import annotations
@@ -44,6 +47,31 @@ def capacity(tokens: Union[int, torch.SymInt], factor: float, k: int, num_expert
     symbolic token count of an exported graph."""
     num, den = Fraction(factor).limit_denominator(1 << 16).as_integer_ratio()
     return torch.sym_min((num * tokens * k + den * num_experts - 1) // (den * num_experts), tokens)
+
+
+def top_k(scores: torch.Tensor, k: Union[int, torch.SymInt], ordered: bool = True) -> torch.Tensor:
+    """Indices [..., k] of the k largest scores along the last axis; of equal scores, the lower index wins.
+
+    Runtimes order tied values as they like (ONNX's TopK: lower index first; torch.topk and TensorRT: unspecified),
+    so only TopK's values are used, and they carry no tie: v_1 >= ... >= v_k. Over the n scores s_i,
+
+        rank_i = #{j : v_j > s_i}                       (ordered)
+               = [s_i <= v_k] + [s_i < v_k]             (not ordered: the set, not its order)
+        key_i  = rank_i * n + i                         (distinct integers, exact in fp32 while n (k + 1) < 2^24)
+
+    and the k smallest keys are the k largest scores, ties to the lower index: by (score desc, index asc) when
+    ordered, else those above v_k then those equal to it, each by index. The second TopK sorts distinct keys, so
+    every runtime returns the same indices.
+    """
+    n = scores.shape[-1]
+    values = scores.topk(k, dim=-1).values
+    if ordered:
+        rank = (values.unsqueeze(-2) > scores.unsqueeze(-1)).sum(-1)
+    else:
+        kth = values[..., -1:]
+        rank = (scores <= kth).long() + (scores < kth).long()
+    key = rank.float() * n + torch.arange(n, device=scores.device, dtype=torch.float32)
+    return key.topk(k, dim=-1, largest=False).indices
 
 
 class Router(nn.Module):

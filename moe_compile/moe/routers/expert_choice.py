@@ -1,6 +1,6 @@
 """Expert-choice routing (Zhou et al. 2022): within each routing group of S tokens, expert e takes the
-C = ceil(cf * S * k / E) tokens with the highest p_{t,e}, gate = p_{t,e}. Balanced by construction; a token
-may get no expert (its FFN output is zero) or several.
+C = ceil(cf * S * k / E) tokens with the highest p_{t,e} (equal scores: the earlier token), gate = p_{t,e}.
+Balanced by construction; a token may get no expert (its FFN output is zero) or several.
 
 Not causal: whether token t is picked depends on the scores of every token of its group, later ones
 included, so an autoregressive decoder sees the future through routing.
@@ -13,7 +13,7 @@ from typing import Union
 import torch
 
 from ..dispatch import Dispatch
-from .base import Router, capacity
+from .base import Router, capacity, top_k
 
 
 class ExpertChoiceRouter(Router):
@@ -34,7 +34,8 @@ class ExpertChoiceRouter(Router):
                              f"not a multiple of {group}. Pad the batch, or use expert_choice_group='sequence'.")
         scores = probs.view(-1, group, num_experts).transpose(1, 2)  # [G, E, S]
         slots = capacity(group, self.capacity_factor, self.top_k, num_experts)
-        gates, picked = scores.topk(slots, dim=-1)  # [G, E, C]
+        picked = top_k(scores, slots, ordered=False)  # [G, E, C]; the order within an expert does not matter
+        gates = scores.gather(-1, picked)
         offsets = torch.arange(scores.shape[0], device=probs.device).view(-1, 1, 1) * group
         rows_per_expert = scores.shape[0] * slots  # rows ordered (expert, group, slot): exactly G C per expert
         counts = torch.full((num_experts,), rows_per_expert, dtype=torch.long, device=probs.device)

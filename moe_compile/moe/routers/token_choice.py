@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..dispatch import Dispatch, sort_by_expert
-from .base import Router, capacity
+from .base import Router, capacity, top_k
 
 
 class TokenChoiceRouter(Router):
@@ -27,8 +27,10 @@ class TokenChoiceRouter(Router):
         return "token_choice"
 
     def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gates [T, k], expert_ids [T, k])."""
-        gates, expert_ids = probs.topk(self.top_k, dim=-1)
+        """(gates [T, k], expert_ids [T, k]): the k most probable experts, most probable first, equal
+        probabilities to the lower expert index."""
+        expert_ids = top_k(probs, self.top_k)
+        gates = probs.gather(-1, expert_ids)
         if self.normalize:
             gates = gates / gates.sum(-1, keepdim=True)
         return gates, expert_ids
