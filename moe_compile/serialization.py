@@ -2,6 +2,7 @@
 
     directory/model.safetensors   the converted model's state dict (tied weights stored once)
     directory/moe_recipe.json     format version, source architecture, MoEConfig, converted sites, dtype
+    directory/tokenizer.json ...  the source directory's tokenizer and generation files, when it had them
 
 `load` rebuilds the dense source model (a `transformers` class from its config, the embedded example from its
 name and GPTConfig, or the fresh dense instance a caller passes for their own class), re-applies `convert`
@@ -25,6 +26,7 @@ from .errors import RecipeError
 from .example_models import EXAMPLE_MODELS, GPTConfig, build_example
 from .model_io import ModelInputs
 from .passes import convert
+from .source_files import copy_source_files, source_dir
 
 FORMAT = "moe_compile.recipe"
 FORMAT_VERSION = 1
@@ -54,6 +56,7 @@ def save(model: nn.Module, directory: PathLike) -> Path:
     }
     save_model(model, str(directory / WEIGHTS_FILE))
     (directory / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+    copy_source_files(source_dir(model), directory)  # tokenizer and generation config, for export and generate
     return directory
 
 
@@ -81,6 +84,8 @@ def load(directory: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     if found != recipe["sites"]:
         raise RecipeError(_site_mismatch(type(dense).__name__, recipe["sites"], found))
     _load_weights(converted, weights)
+    if hasattr(getattr(converted, "config", None), "_name_or_path"):
+        converted.config._name_or_path = str(directory)  # where its tokenizer files are (see save)
     return converted.eval()
 
 

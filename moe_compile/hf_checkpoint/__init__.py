@@ -15,7 +15,6 @@ architectures compute, and what they cannot express, is in architectures.py.
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import source_files
 from ..config import MoEConfig
 from ..errors import HFCheckpointError
 from ..moe import DenseFFN, build_moe_layer, identify_activation, iter_moe_layers
@@ -42,8 +42,6 @@ from .architectures import (
 from .shards import SourceCheckpoint, write_shards
 
 PathLike = Union[str, Path]
-SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -103,7 +101,7 @@ def save_hf(model: nn.Module, directory: PathLike, *, architecture: Optional[str
         for i in range(count)]
     report = getattr(model, "moe_report", None)
     lb_coef = (report.config if report is not None and report.config else MoEConfig()).load_balance_coef
-    source_dir = tokenizer_dir if tokenizer_dir is not None else _local_dir(getattr(config, "_name_or_path", ""))
+    source_dir = tokenizer_dir if tokenizer_dir is not None else source_files.source_dir(model)
     dtype = layers[expected[0]].up_weight.dtype
     return _write(directory, groups, lambda: (moe, dtype), source, target, lb_coef, source_dir)
 
@@ -166,12 +164,7 @@ def _write(directory: PathLike, groups: list[Callable[[], dict]],
     paths = write_shards(directory, groups)
     moe, dtype = written_shape()
     target_config(source, target, moe, dtype, lb_coef).save_pretrained(directory)
-    copied = []
-    if source_dir is not None and Path(source_dir).resolve() != directory.resolve():
-        for name in SOURCE_FILES:
-            if (Path(source_dir) / name).is_file():
-                shutil.copyfile(Path(source_dir) / name, directory / name)
-                copied.append(name)
+    copied = source_files.copy_source_files(source_dir, directory)
     return HFCheckpoint(directory, ARCHITECTURES[target], len(groups) - 1, moe.routing.num_experts,
                         moe.routing.top_k, len(paths), sum(path.stat().st_size for path in paths), copied)
 
@@ -206,10 +199,6 @@ def _activation(source: dict[str, Any], where: str) -> str:
         raise HFCheckpointError(f"{where}: the source's hidden_act {name!r} is not an activation moe_compile knows "
                                 f"(silu, gelu, gelu_tanh, relu). {OWN_FORMAT}")
     return activation
-
-
-def _local_dir(path: str) -> Optional[Path]:
-    return Path(path) if path and Path(path).is_dir() else None
 
 
 __all__ = ["HFCheckpoint", "convert_hf_checkpoint", "save_hf"]
