@@ -3,7 +3,7 @@ lower them to ONNX Runtime and TensorRT, and prove parity with eager PyTorch."""
 
 from .config import MoEConfig
 from .errors import HFCheckpointError, LoweringError, MoECompileError, NoFFNFoundError, RecipeError
-from .export import ExportReport, ParityReport, check_parity, export
+from .export import ExportReport, Generator, ParityReport, check_generation, check_parity, export, generate
 from .hf_checkpoint import HFCheckpoint, convert_hf_checkpoint, save_hf
 from .moe import MoELayer, RoutingStats, aux_loss, routing_stats
 from .passes import ConversionReport, SiteReport, convert, find_ffn_blocks
@@ -14,5 +14,6 @@ __version__ = "0.1.0"
 
 __all__ = ["ConversionReport", "ExportReport", "HFCheckpoint", "HFCheckpointError", "LoweringError", "MoECompileError",
            "MoEConfig", "MoELayer", "ModelStats", "NoFFNFoundError", "ParityReport", "RecipeError", "RoutingStats",
-           "SiteReport", "SiteStats", "aux_loss", "check_parity", "convert", "convert_hf_checkpoint", "export",
-           "find_ffn_blocks", "load", "model_stats", "routing_stats", "save", "save_hf"]
+           "SiteReport", "SiteStats", "Generator", "aux_loss", "check_generation", "check_parity", "convert",
+           "convert_hf_checkpoint", "export", "find_ffn_blocks", "generate", "load", "model_stats", "routing_stats",
+           "save", "save_hf"]

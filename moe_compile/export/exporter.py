@@ -24,6 +24,7 @@ import copy
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -33,6 +34,7 @@ from ..errors import LoweringError, MoECompileError, first_line
 from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelCall, ModelInputs, as_model_inputs, widened
 from ..moe import MoELayer, iter_moe_layers
 from ..passes.rewrite import replace_submodule
+from . import decoder
 from .layer_functions import LayerFunctions
 from .ort_moe import OP_NAME, OrtMoE, may_drop, ort_unsupported_reason
 from .report import ExportReport, LayerLowering
@@ -47,19 +49,33 @@ _NODE_LOWERINGS = {"ort": (OP_NAME, ort_unsupported_reason, OrtMoE),
                    "tensorrt": (TRT_OP_NAME, tensorrt_unsupported_reason, TensorRTMoE)}
 
 
-def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLike], *, target: str = "portable",
-           dynamic: bool = True, dtype: Optional[torch.dtype] = None, fallback: bool = True,
-           opset: Optional[int] = None) -> ExportReport:
-    """Write `model` (called on `example_inputs`) to the ONNX file `path`; every output tensor of the model becomes
-    an ONNX output named after its field (logits, last_hidden_state, ...; see model_io.named_outputs).
+TASKS = ("forward", "text-generation")
 
-    example_inputs: a tensor, tuple or dict of tensors, dims 0 and 1 batch and sequence; only shapes and dtypes
-    matter, so a batch-1 or sequence-1 example is tiled internally. The model is deep-copied and put in eval mode
-    (and cast to `dtype`, float32 or float16, or bfloat16 for target="tensorrt"); the caller's model is untouched.
-    With dynamic=True the batch and sequence axes of every input are dynamic. fallback=False makes target="ort"
-    or "tensorrt" raise LoweringError for a layer its node (com.microsoft.MoE, moe_compile::moe_ffn) cannot express
-    instead of lowering it portably. opset: the ONNX opset (default: the exporter's).
+
+def export(model: nn.Module, example_inputs: Optional[Inputs], path: Union[str, os.PathLike], *,
+           task: str = "forward", target: str = "portable", dynamic: bool = True, dtype: Optional[torch.dtype] = None,
+           fallback: bool = True, opset: Optional[int] = None) -> ExportReport:
+    """Write `model` to ONNX, each MoE layer lowered for `target`.
+
+    task="forward": `path` is one ONNX file of the model's forward on inputs like `example_inputs`; every output
+    tensor of the model becomes an ONNX output named after its field (logits, last_hidden_state, ...; see
+    model_io.named_outputs). example_inputs: a tensor, tuple or dict of tensors, dims 0 and 1 batch and sequence;
+    only shapes and dtypes matter, so a batch-1 or sequence-1 example is tiled internally. With dynamic=True the
+    batch and sequence axes of every input are dynamic.
+
+    task="text-generation": `path` is a directory; it gets `model.onnx`, a decoder with a KV cache for prefill and
+    decode steps (decoder.py: optimum's input and output names, dynamic batch, past and new lengths), config.json,
+    the source model's tokenizer and generation files, genai_config.json for onnxruntime-genai, and the metadata
+    that `moe_compile.generate` reads. example_inputs is not needed (pass None).
+
+    The model is deep-copied and put in eval mode (and cast to `dtype`, float32 or float16, or bfloat16 for
+    target="tensorrt"); the caller's model is untouched. fallback=False makes target="ort" or "tensorrt" raise
+    LoweringError for a layer its node (com.microsoft.MoE, moe_compile::moe_ffn) cannot express instead of
+    lowering it portably. opset: the ONNX opset (default: the exporter's).
     """
+    if task not in TASKS:
+        raise MoECompileError(f"export: unknown task {task!r}. Choose 'forward' (one call of the model's forward) or "
+                              "'text-generation' (a decoder with a KV cache, for generating text).")
     if target not in TARGETS:
         raise LoweringError(f"export: unknown target {target!r}. Choose one of {', '.join(TARGETS)} "
                             "('portable' runs on any ONNX runtime; 'ort' uses ONNX Runtime's com.microsoft.MoE; "
@@ -69,45 +85,85 @@ def export(model: nn.Module, example_inputs: Inputs, path: Union[str, os.PathLik
     if dtype is not None and dtype not in (TRT_DTYPES if target == "tensorrt" else DTYPES):
         also = ", or torch.bfloat16 for target='tensorrt'" if target != "tensorrt" else ", torch.bfloat16"
         raise ValueError(f"export: dtype {dtype} is not supported. Use torch.float32 or torch.float16{also}.")
+    if task == "text-generation":
+        return _export_decoder(model, Path(path), target=target, dtype=dtype, fallback=fallback, opset=opset)
     inputs = as_model_inputs(example_inputs, "export")
     _check_example(model, inputs)
     _check_writable(path)
 
     work = copy.deepcopy(model).eval()
     example = widened(inputs) if dynamic else inputs
-    layer_inputs: dict[nn.Module, list[torch.Tensor]] = {}  # what each MoE layer receives in the eager run
-    hooks = [layer.register_forward_pre_hook(
-        lambda module, args: layer_inputs.setdefault(module, []).append(args[0].detach()))
-        for _, layer in iter_moe_layers(work)]
     try:  # eager, before lowering: the output names, and a clear error when the example does not fit the model
-        output_names = list(ModelCall(work).named(example))
+        output_names, layer_inputs = _record_layer_inputs(work, lambda: list(ModelCall(work).named(example)))
     except Exception as error:  # the model's own code raises; say which inputs it was given
         raise MoECompileError(f"export: {type(model).__name__} fails on the example inputs ({inputs.describe(model)}): "
                               f"{first_line(error, 200)} Pass "
                               f"{EXAMPLE_INPUTS_HELP}.") from None
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if dtype is not None:
-        work = work.to(dtype)
-    dtype_name = str(dtype or next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32))
-    layers, functions = [], LayerFunctions(dynamic)
-    for name, layer in list(iter_moe_layers(work)):
-        replacement, lowering = _lower(name, layer, target, fallback)
-        layers.append(lowering)
-        if replacement is None:  # portable: one traced function per layer structure
-            replacement = functions.call(layer, [x.to(layer.up_weight.dtype) for x in layer_inputs.get(layer, [])])
-        if replacement is not None:
-            work = replace_submodule(work, name, replacement)
-
     dynamic_shapes = None
     if dynamic:  # dims 0 and 1 (batch, sequence) of every input
         axes = lambda t: {i: torch.export.Dim.DYNAMIC for i in range(min(t.dim(), 2))}  # noqa: E731
         dynamic_shapes = {"args": tuple(axes(t) for t in example.tensors())}
+    return _lower_and_save(ModelCall(work, tuple(example.kwargs)), tuple(example.tensors()), layer_inputs, path,
+                           target=target, dynamic=dynamic, dynamic_shapes=dynamic_shapes, dtype=dtype,
+                           fallback=fallback, opset=opset, input_names=inputs.names(model), output_names=output_names)
+
+
+def _export_decoder(model: nn.Module, directory: Path, *, target: str, dtype: Optional[torch.dtype], fallback: bool,
+                    opset: Optional[int]) -> ExportReport:
+    """task="text-generation": the decoder with a KV cache and the files its clients read, in `directory`."""
+    work = copy.deepcopy(model).eval()
+    layout = decoder.cache_layout(work)
+    if directory.exists() and not directory.is_dir():
+        raise MoECompileError(f"export(task='text-generation'): {os.fspath(directory)!r} is a file; pass a "
+                              "directory (it is created when missing).")
+    directory.mkdir(parents=True, exist_ok=True)
+    args, dynamic_shapes = decoder.example_call(layout, work.config.vocab_size)
+    call = decoder.DecoderWithPast(work, layout).eval()
+    _, layer_inputs = _record_layer_inputs(work, lambda: call(*args))
+    report = _lower_and_save(call, args, layer_inputs, directory / decoder.MODEL_FILE, target=target, dynamic=True,
+                             dynamic_shapes=dynamic_shapes, dtype=dtype, fallback=fallback, opset=opset,
+                             input_names=layout.input_names(), output_names=layout.output_names())
+    report.task = "text-generation"
+    report.files = decoder.write_client_files(model, layout, directory, dtype or torch.float32)
+    return report
+
+
+def _record_layer_inputs(work: nn.Module, run):
+    """(run(), {MoE layer: the inputs it received during run()}): the portable lowering traces each layer structure
+    on what it really receives."""
+    layer_inputs: dict[nn.Module, list[torch.Tensor]] = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda module, args: layer_inputs.setdefault(module, []).append(args[0].detach()))
+        for _, layer in iter_moe_layers(work)]
+    try:
+        with torch.no_grad():
+            return run(), layer_inputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, target: str, dynamic: bool,
+                    dynamic_shapes, dtype: Optional[torch.dtype], fallback: bool, opset: Optional[int],
+                    input_names: list[str], output_names: list[str]) -> ExportReport:
+    """Lower every MoE layer of `call` (a module over the deep copy) for `target`, export call(*args), save."""
+    if dtype is not None:
+        call = call.to(dtype)
+        args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+    dtype_name = str(dtype or next((p.dtype for p in call.parameters() if p.is_floating_point()), torch.float32))
+    layers, functions = [], LayerFunctions(dynamic)
+    for name, layer in list(iter_moe_layers(call)):
+        replacement, lowering = _lower(name.removeprefix("model."), layer, target, fallback)
+        layers.append(lowering)
+        if replacement is None:  # portable: one traced function per layer structure
+            replacement = functions.call(layer, [x.to(layer.up_weight.dtype) for x in layer_inputs.get(layer, [])])
+        if replacement is not None:
+            call = replace_submodule(call, name, replacement)
     with _quiet_exporter():  # keyword inputs travel positionally (see ModelCall)
-        program = torch.onnx.export(ModelCall(work, tuple(example.kwargs)).eval(), tuple(example.tensors()),
-                                    dynamo=True, dynamic_shapes=dynamic_shapes, input_names=inputs.names(model),
-                                    output_names=output_names, opset_version=opset, verbose=False)
+        program = torch.onnx.export(call.eval(), args, dynamo=True,
+                                    dynamic_shapes=dynamic_shapes,
+                                    input_names=input_names, output_names=output_names, opset_version=opset,
+                                    verbose=False)
         functions.inline_into(program.model, _opset_of(program))
     program.save(os.fspath(path))
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
@@ -178,6 +234,7 @@ def _quiet_exporter():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", "# The axis name", UserWarning)  # one Dim shared by several inputs
             yield
     finally:
         for logger, level in zip(loggers, levels):

@@ -25,13 +25,18 @@ class ExportReport:
     dtype: str
     layers: list[LayerLowering] = field(default_factory=list)
     opset: Optional[int] = None
+    task: str = "forward"  # or "text-generation": `path` is then the decoder with a KV cache in its directory
+    files: list[str] = field(default_factory=list)  # text-generation: the files written beside it
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "target": self.target, "dtype": self.dtype, "opset": self.opset,
-                "layers": [asdict(layer) for layer in self.layers]}
+        return {"path": self.path, "task": self.task, "target": self.target, "dtype": self.dtype,
+                "opset": self.opset, "files": self.files, "layers": [asdict(layer) for layer in self.layers]}
 
     def table(self) -> str:
-        head = f"ONNX export: {self.path}  (target={self.target}, dtype={self.dtype}, opset={self.opset})"
+        task = "" if self.task == "forward" else f"task={self.task}, "
+        head = f"ONNX export: {self.path}  ({task}target={self.target}, dtype={self.dtype}, opset={self.opset})"
+        if self.files:
+            head += f"\nbeside it: {', '.join(self.files)}"
         rows = [("layer", "routing", "lowering", "capacity", "may drop", "note")]
         rows += [(layer.name, layer.routing, layer.lowering, layer.capacity, "yes" if layer.may_drop else "no",
                   layer.reason) for layer in self.layers]

@@ -1,0 +1,201 @@
+"""A causal LM as one ONNX decoder with a KV cache, in the layout optimum and onnxruntime-genai load.
+
+    inputs:  input_ids [b, s], attention_mask [b, p + s], position_ids [b, s] (when the model takes them),
+             past_key_values.{i}.key | .value [b, h_kv, p, d]                  (p = 0 for the prefill)
+    outputs: logits [b, s, vocab], present.{i}.key | .value [b, h_kv, p + s, d]
+             present = concat(past, the new tokens' keys / values) along the sequence axis
+
+One graph serves prefill (s = prompt length, p = 0) and every decode step (s = 1, p = tokens so far): b, s, p and
+p + s are dynamic axes. The model runs with a transformers `DynamicCache` built from the past tensors (one full
+layer per decoder layer, so a sliding-window layer keeps all keys and its mask does the windowing), and returns
+the cache's tensors as `present`.
+
+Only a routing that computes each token from that token alone generates: a capacity counts the tokens of the
+call (a prompt and one decoded token see different capacities), and expert choice compares the tokens of a
+sequence, so prefill and cached decode would route differently; such layers are refused (`generation_refusal`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import MoECompileError, first_line
+from ..moe import MoELayer, iter_moe_layers
+from ..source_files import copy_source_files, source_dir
+from .ort_moe import may_drop
+
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "moe_generation.json"  # what our runner reads: the cache layout and the stop tokens
+# transformers model_type -> onnxruntime-genai model type (the decoder types its genai_config.json accepts)
+GENAI_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                     "gemma2": "gemma2", "gemma3_text": "gemma3_text", "phi": "phi", "phi3": "phi3",
+                     "granite": "granite", "olmo": "olmo", "nemotron": "nemotron"}
+
+
+@dataclass
+class CacheLayout:
+    """The KV cache of one model: per layer, keys and values [b, heads, p, head_dim]."""
+
+    num_layers: int
+    heads: int
+    head_dim: int
+    position_ids: bool  # whether the model takes position_ids
+    cache_argument: str  # the forward's name for the cache: "cache" (transformers >= 5.2x) or "past_key_values"
+
+    def input_names(self) -> list[str]:
+        fixed = ["input_ids", "attention_mask"] + (["position_ids"] if self.position_ids else [])
+        return fixed + [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    def output_names(self) -> list[str]:
+        return ["logits"] + [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+
+class DecoderWithPast(nn.Module):
+    """model(input_ids, attention_mask, [position_ids], *past) -> (logits, *present), flat tensors only."""
+
+    def __init__(self, model: nn.Module, layout: CacheLayout):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor):
+        from transformers import DynamicCache
+
+        position_ids, past = (rest[0], rest[1:]) if self.layout.position_ids else (None, rest)
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layout.num_layers)])
+        kwargs = {"position_ids": position_ids} if self.layout.position_ids else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                         **{self.layout.cache_argument: cache}, **kwargs)
+        present = returned_cache(out)
+        return (out.logits, *[t for layer in present.layers for t in (layer.keys, layer.values)])
+
+
+def generation_refusal(name: str, layer: MoELayer) -> Optional[str]:
+    """Why `layer` would route a cached decode step differently from the prompt, or None when it cannot."""
+    router = layer.router
+    if router.routing == "expert_choice":
+        return (f"layer {name!r} uses expert-choice routing: each expert picks among the tokens of a sequence, so a "
+                "token's route depends on the others and one decoded token cannot be routed as in the prompt")
+    if may_drop(router.capacity_factor, router.top_k, router.num_experts):
+        return (f"layer {name!r} has capacity_factor={router.capacity_factor}: the capacity counts the tokens of each "
+                "call, so a prompt and a single decoded token drop differently")
+    return None
+
+
+def cache_layout(model: nn.Module) -> CacheLayout:
+    """The model's KV cache, read from one eager forward with use_cache=True on a 2 x 3 prompt; a clear error when
+    the model has no cache that this export can carry."""
+    name = type(model).__name__
+    params = inspect.signature(model.forward).parameters
+    cache_argument = next((n for n in ("cache", "past_key_values") if n in params), None)
+    if cache_argument is None or "use_cache" not in params or getattr(model, "config", None) is None:
+        raise MoECompileError(
+            f"export(task='text-generation'): {name} has no KV cache interface (a transformers causal LM, whose "
+            "forward takes a cache (past_key_values) and use_cache). Export it with task='forward' (a prompt-only graph), or "
+            "give the model a transformers-style cache.")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise MoECompileError(f"export(task='text-generation'): {name} is an encoder-decoder; this export writes "
+                              "decoder-only LMs. Export it with task='forward'.")
+    refusals = [reason for reason in (generation_refusal(n, layer) for n, layer in iter_moe_layers(model)) if reason]
+    if refusals:
+        raise MoECompileError(f"export(task='text-generation'): {refusals[0]}"
+                              f"{f' (and {len(refusals) - 1} more layers)' if len(refusals) > 1 else ''}. Convert "
+                              "with a dropless routing for generation: token_choice with capacity_factor=None, or "
+                              "switch with capacity_factor >= num_experts.")
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+    except Exception as error:
+        raise MoECompileError(f"export(task='text-generation'): {name} fails when called with use_cache=True: "
+                              f"{first_line(error, 300)}") from None
+    cache = returned_cache(out)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4 for layer in layers):
+        raise MoECompileError(f"export(task='text-generation'): {name} returned a cache of type "
+                              f"{type(cache).__name__}, not one key and one value tensor [batch, heads, seq, "
+                              "head_dim] per layer; this export carries only such caches.")
+    keys = layers[0].keys
+    return CacheLayout(num_layers=len(layers), heads=keys.shape[1], head_dim=keys.shape[3],
+                       position_ids="position_ids" in params, cache_argument=cache_argument)
+
+
+def returned_cache(output):
+    """The cache a transformers model returns (field `cache`, or `past_key_values` before transformers 5.2x)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def example_call(layout: CacheLayout, vocab: int, batch: int = 2, new: int = 3, past: int = 5):
+    """(args, dynamic_shapes) of one decode call: all sizes distinct and above 1 (torch.export specialises 0 and 1
+    and unifies equal sizes)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(1, min(vocab, 100)), (batch, new), generator=g)
+    mask = torch.ones(batch, past + new, dtype=torch.long)
+    positions = torch.arange(past, past + new).expand(batch, new)
+    caches = [torch.randn(batch, layout.heads, past, layout.head_dim, generator=g)
+              for _ in range(2 * layout.num_layers)]
+    Dim = torch.export.Dim
+    b, s, p, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    rest = ((positions,) if layout.position_ids else ()) + tuple(caches)
+    rest_shapes = (({0: b, 1: s},) if layout.position_ids else ()) + tuple({0: b, 2: p} for _ in caches)
+    return (ids, mask, *rest), ({0: b, 1: s}, {0: b, 1: total}, rest_shapes)  # shapes follow forward's signature
+
+
+def write_client_files(model: nn.Module, layout: CacheLayout, directory: Path, dtype: torch.dtype) -> list[str]:
+    """config.json, the source's tokenizer and generation files, genai_config.json (for model types that
+    onnxruntime-genai knows) and our own metadata beside model.onnx; returns the files written."""
+    config = model.config
+    config.save_pretrained(directory)
+    written = ["config.json"] + copy_source_files(source_dir(model), directory)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and "generation_config.json" not in written:
+        generation.save_pretrained(directory)
+        written.append("generation_config.json")
+    eos = _token_list(getattr(generation, "eos_token_id", None) or config.eos_token_id)
+    pad = getattr(generation, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) else (config.pad_token_id if isinstance(config.pad_token_id, int) else None)
+    metadata = {"format": 1, "model_file": MODEL_FILE, "model_type": config.model_type,
+                "num_layers": layout.num_layers, "kv_heads": layout.heads, "head_dim": layout.head_dim,
+                "position_ids": layout.position_ids, "dtype": str(dtype).removeprefix("torch."),
+                "vocab_size": config.vocab_size, "eos_token_id": eos, "pad_token_id": pad,
+                "inputs": layout.input_names(), "outputs": layout.output_names()}
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    written.append(METADATA_FILE)
+    genai_type = GENAI_MODEL_TYPES.get(config.model_type)
+    if genai_type is not None:
+        (directory / "genai_config.json").write_text(json.dumps(
+            _genai_config(config, layout, genai_type, eos, pad), indent=2) + "\n")
+        written.append("genai_config.json")
+    return written
+
+
+def _genai_config(config, layout: CacheLayout, model_type: str, eos: list[int], pad: Optional[int]) -> dict:
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
+              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    if layout.position_ids:
+        inputs["position_ids"] = "position_ids"
+    return {"model": {
+        "type": model_type, "bos_token_id": config.bos_token_id if isinstance(config.bos_token_id, int) else 0,
+        "eos_token_id": eos if len(eos) != 1 else eos[0], "pad_token_id": pad if pad is not None else (eos or [0])[0],
+        "vocab_size": config.vocab_size, "context_length": getattr(config, "max_position_embeddings", 2048),
+        "decoder": {"filename": MODEL_FILE, "head_size": layout.head_dim, "hidden_size": config.hidden_size,
+                    "num_attention_heads": config.num_attention_heads, "num_key_value_heads": layout.heads,
+                    "num_hidden_layers": layout.num_layers, "session_options": {"log_id": "moe_compile"},
+                    "inputs": inputs, "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                                                  "present_value_names": "present.%d.value"}}},
+        "search": {"max_length": getattr(config, "max_position_embeddings", 2048), "do_sample": False,
+                   "num_beams": 1, "past_present_share_buffer": False}}
+
+
+def _token_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]

@@ -1,0 +1,233 @@
+"""export(task="text-generation"): one ONNX decoder with a KV cache per family, dense and converted, against eager
+PyTorch (generation parity, greedy tokens) and transformers' own generate; the runner's batching, padding,
+sampling and stop tokens; the routings refused for generation."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import moe_compile
+from moe_compile import MoECompileError, MoEConfig
+from moe_compile.export import Generator
+
+from ..conftest import VOCAB
+
+transformers = pytest.importorskip("transformers")
+
+ATTENTION = dict(num_hidden_layers=2, num_attention_heads=4)
+FAMILIES = {  # family -> (config class, model class, config fields)
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=64, intermediate_size=128, num_key_value_heads=2,
+                                                      **ATTENTION)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=64, intermediate_size=128, num_key_value_heads=2,
+                                                      **ATTENTION)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # a sliding-window layer of 4 tokens and a global one
+               dict(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"], **ATTENTION)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
+                                                max_position_embeddings=128, **ATTENTION)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(hidden_size=64, intermediate_size=128, **ATTENTION)),
+}
+SPLIT = dict(num_experts=8, top_k=2, experts="split", combine="weighted")
+UPCYCLE = dict(num_experts=8, top_k=2, experts="upcycle", upcycle_noise=0.5)
+PROMPTS = [[5, 5, 5, 9, 3, 3, 17, 5, 5, 40, 2], [7, 7, 1]]  # repeated ids; two lengths (left padding)
+
+
+def build(family: str, seed: int = 0):
+    config_class, model_class, fields = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                                 **fields)
+    return getattr(transformers, model_class)(config).eval()
+
+
+def convert(dense, **fields):
+    model = moe_compile.convert(dense, MoEConfig(**fields))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # decisive routers, so that a wrong expert shows
+        for _, layer in moe_compile.moe.iter_moe_layers(model):
+            layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=generator) * 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported_decoder(tmp_path_factory):
+    cache = {}
+
+    def get(family: str, conversion: str, target: str = "portable"):
+        key = (family, conversion, target)
+        if key not in cache:
+            dense = build(family)
+            model = dense if conversion == "dense" else convert(dense, **(SPLIT if conversion == "split" else UPCYCLE))
+            directory = tmp_path_factory.mktemp(f"{family}-{conversion}-{target}")
+            report = moe_compile.export(model, None, directory, task="text-generation", target=target)
+            cache[key] = model, directory, report
+        return cache[key]
+
+    return get
+
+
+CASES = [(family, "split") for family in FAMILIES] + [("gpt2", "dense"), ("llama", "dense"), ("llama", "upcycle")]
+
+
+@pytest.mark.parametrize("family, conversion", CASES)
+def test_decoder_matches_eager_at_every_step(exported_decoder, family, conversion):
+    model, directory, _ = exported_decoder(family, conversion)
+    parity = moe_compile.check_parity(model, directory, PROMPTS)  # a directory: generation parity, 32 steps
+    assert parity.passed, parity.table()
+    assert parity.max_abs <= 1e-5 and parity.token_agreement == 1.0, parity.table()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_batched_left_padded_generation_equals_transformers_generate(exported_decoder, family):
+    """Our runner on a batch of prompts of two lengths; transformers' generate on each prompt alone."""
+    model, directory, _ = exported_decoder(family, "split")
+    result = moe_compile.generate(directory, PROMPTS, max_new_tokens=20, stop_tokens=[])
+    for prompt, tokens in zip(PROMPTS, result.tokens):
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == expected
+    assert result.time_to_first_token_s > 0 and len(result.step_times_s) == 19 and result.kv_cache_bytes > 0
+
+
+def test_decoder_layout_is_optimum_s(exported_decoder):
+    _, directory, report = exported_decoder("llama", "split")
+    graph = onnx.load(str(directory / "model.onnx")).graph
+    inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
+    past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert inputs == ["input_ids", "attention_mask", "position_ids", *past]
+    assert outputs == ["logits"] + [name.replace("past_key_values", "present") for name in past]
+    dims = [d.dim_param or d.dim_value for d in graph.input[3].type.tensor_type.shape.dim]
+    assert dims == ["batch", 2, "past_sequence", 16]
+    assert {"config.json", "genai_config.json", "moe_generation.json"} <= set(report.files)
+    genai = json.loads((directory / "genai_config.json").read_text())["model"]
+    assert genai["type"] == "llama" and genai["decoder"]["num_key_value_heads"] == 2
+    assert genai["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+
+
+def test_ort_target_generates(exported_decoder):
+    model, directory, report = exported_decoder("llama", "upcycle", "ort")
+    assert {layer.lowering for layer in report.layers} == {"com.microsoft.MoE"}
+    parity = moe_compile.check_generation(model, directory, PROMPTS, steps=8)
+    assert parity.passed, parity.table()
+
+
+def test_tokens_do_not_depend_on_batch_mates(exported_decoder):
+    _, directory, _ = exported_decoder("qwen2", "split")
+    generator = Generator(directory)
+    together = generator.generate(PROMPTS + [[3] * 9], 12, stop_tokens=[]).tokens
+    alone = [generator.generate([prompt], 12, stop_tokens=[]).tokens[0] for prompt in PROMPTS]
+    assert together[:2] == alone
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(exported_decoder):
+    _, directory, _ = exported_decoder("gpt2", "split")
+    generator = Generator(directory)
+    greedy = generator.generate(PROMPTS, 10, stop_tokens=[]).tokens
+    options = dict(do_sample=True, temperature=1.5, top_p=0.9, stop_tokens=[])
+    first, again = (generator.generate(PROMPTS, 10, seed=3, **options).tokens for _ in range(2))
+    assert first == again and first != greedy
+    assert generator.generate(PROMPTS, 10, seed=3, do_sample=True, top_k=1, stop_tokens=[]).tokens == greedy
+    assert generator.generate(PROMPTS, 10, seed=4, **options).tokens != first
+
+
+def test_stop_tokens_end_each_sequence(exported_decoder):
+    _, directory, _ = exported_decoder("gpt2", "split")
+    generator = Generator(directory)
+    free = generator.generate(PROMPTS, 10, stop_tokens=[]).tokens
+    stop = free[0][3]
+    stopped = generator.generate(PROMPTS, 10, stop_tokens=[stop]).tokens
+    assert stopped[0] == free[0][:free[0].index(stop) + 1]
+    second = free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1]
+    assert stopped[1] == second
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(num_experts=4, routing="expert_choice", experts="split"), "expert-choice routing"),
+    (dict(num_experts=4, routing="switch", experts="split"), "capacity_factor=1.25"),
+    (dict(num_experts=4, routing="token_choice", capacity_factor=1.0), "capacity_factor=1.0"),
+])
+def test_routings_that_cannot_generate_are_refused(tmp_path, fields, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = moe_compile.convert(build("llama"), MoEConfig(**fields))
+    with pytest.raises(MoECompileError, match=match):
+        moe_compile.export(model, None, tmp_path / "out", task="text-generation")
+
+
+def test_model_without_a_cache_is_refused_with_the_way_out(nanogpt, tmp_path):
+    with pytest.raises(MoECompileError, match="no KV cache interface.*task='forward'"):
+        moe_compile.export(nanogpt, None, tmp_path / "out", task="text-generation")
+
+
+def test_prompt_only_export_handed_to_the_runner_says_which_export(tmp_path):
+    model = build("gpt2")
+    moe_compile.export(model, (torch.zeros(2, 4, dtype=torch.long),), tmp_path / "m.onnx")
+    for path in (tmp_path, tmp_path / "m.onnx"):
+        with pytest.raises(MoECompileError, match="task='text-generation'"):
+            Generator(path)
+
+
+def test_bad_generation_arguments(exported_decoder):
+    _, directory, _ = exported_decoder("gpt2", "split")
+    generator = Generator(directory)
+    with pytest.raises(MoECompileError, match="max_new_tokens"):
+        generator.generate(PROMPTS, 0)
+    with pytest.raises(MoECompileError, match="temperature > 0"):
+        generator.generate(PROMPTS, 4, do_sample=True, temperature=0.0)
+    with pytest.raises(MoECompileError, match=r"token id in \[0, 128\)"):
+        generator.generate([[1, 500]], 4)
+    with pytest.raises(MoECompileError, match="no tokenizer.json"):
+        generator.generate("hello", 4)
+
+
+def test_wrong_tokens_fail_generation_parity(exported_decoder):
+    """The check fails a decoder that computes something else: here another model's weights."""
+    _, directory, _ = exported_decoder("llama", "split")
+    other = convert(build("llama", seed=1), **SPLIT)
+    parity = moe_compile.check_generation(other, directory, PROMPTS, steps=4)
+    assert not parity.passed and parity.max_abs > 1e-2
+    assert parity.mismatches and parity.near_ties < len(parity.mismatches)
+
+
+@pytest.mark.parametrize("tracer", ["jit.trace", "onnx.export(dynamo=False)"])
+def test_tracing_exporters_get_an_error_naming_torch_export(tracer, tmp_path):
+    """torch.jit.trace and the TorchScript ONNX exporter (which optimum's exporter uses) cannot follow the host
+    read of the sorted dispatch; the error says so and names moe_compile.export."""
+    model = convert(build("gpt2"), **SPLIT)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(moe_compile.LoweringError, match="only torch.export captures.*moe_compile.export"):
+        if tracer == "jit.trace":
+            torch.jit.trace(model, ids, strict=False)
+        else:
+            torch.onnx.export(model, (ids,), str(tmp_path / "m.onnx"), dynamo=False)
+
+
+GENAI_FAMILIES = ["llama", "qwen2", "gemma3", "phi"]  # model types onnxruntime-genai knows (not GPT-2, OPT)
+
+
+@pytest.mark.parametrize("family", GENAI_FAMILIES)
+def test_onnxruntime_genai_loads_the_directory_and_generates_the_same_tokens(exported_decoder, family):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra: genai)")
+    _, directory, _ = exported_decoder(family, "split")
+    prompt = PROMPTS[0]
+    params = og.GeneratorParams(og_model := og.Model(str(directory)))
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)][len(prompt):]
+    assert tokens == moe_compile.generate(directory, [prompt], 16, stop_tokens=[]).tokens[0]
+
+
+def test_no_genai_config_for_model_types_genai_does_not_know(exported_decoder):
+    _, directory, report = exported_decoder("gpt2", "split")
+    assert "genai_config.json" not in report.files and not (directory / "genai_config.json").exists()
