@@ -7,7 +7,13 @@
                      [--no-calibration | --calibration-text FILE ...] [--json FILE] [MoEConfig flags]
     moe-compile export MODEL_DIR --target {ort,portable,tensorrt} --out FILE.onnx [--dtype fp32|fp16|bf16]
                        [--batch B --seq S] [--engine FILE.engine --max-batch B --max-seq S]
-    moe-compile check MODEL_DIR FILE.onnx|FILE.engine [--json] [--dtype fp32|fp16|bf16] [--batch B --seq S]
+    moe-compile export MODEL_DIR --task text-generation --target {ort,portable,tensorrt} --out DIR [--dtype ...]
+    moe-compile check MODEL_DIR FILE.onnx|FILE.engine|DIR [--json] [--dtype fp32|fp16|bf16] [--batch B --seq S]
+                      [--steps N]
+    moe-compile generate DIR (--prompt TEXT ... | --ids "ID ID ..." ...) [--max-new-tokens N] [--sample
+                         --temperature T --top-k K --top-p P --seed S] [--threads N]
+
+MODEL_DIR: a directory written by moe-compile convert, or a Hugging Face model directory (the dense baseline).
 
 Bad input prints one line `moe-compile: error: ...` to stderr and exits 2; a failed parity check exits 1.
 """
@@ -37,7 +43,7 @@ from .example_models import EXAMPLE_MODELS, build_example, load_checkpoint
 from .example_text import calibration_batches, perplexity, stdlib_text, token_ids
 from .hf_checkpoint import convert_hf_checkpoint
 from .passes import convert, find_ffn_blocks
-from .serialization import load, save
+from .serialization import RECIPE_FILE, load, save
 from .stats import model_stats
 
 PROG = "moe-compile"
@@ -125,10 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(evaluate)
     evaluate.set_defaults(handler=_eval)
 
-    export = commands.add_parser("export", help="lower a saved MoE model to ONNX")
-    export.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by moe-compile convert")
+    export = commands.add_parser("export", help="lower a saved MoE model (or a dense HF model) to ONNX")
+    export.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by moe-compile convert, or a "
+                                                               "Hugging Face model directory")
     export.add_argument("--target", required=True, choices=("ort", "portable", "tensorrt"))
-    export.add_argument("--out", required=True, metavar="FILE.onnx")
+    export.add_argument("--task", choices=("forward", "text-generation"), default="forward",
+                        help="forward: one ONNX file of the model's forward; text-generation: a directory with a "
+                             "decoder that takes and returns the KV cache, for moe-compile generate, optimum and "
+                             "onnxruntime-genai (default forward)")
+    export.add_argument("--out", required=True, metavar="FILE.onnx|DIR")
     _add_run_flags(export, EXPORT_SHAPE, "precision of the ONNX graph (default: the model's; bf16 for tensorrt)")
     engine = export.add_argument_group("TensorRT engine (target tensorrt; needs TensorRT and a GPU)")
     engine.add_argument("--engine", metavar="FILE.engine", help="also build a TensorRT engine from the ONNX file")
@@ -138,10 +149,28 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="run an ONNX file (or TensorRT engine) and compare it with eager PyTorch")
     check.add_argument("model_dir", metavar="MODEL_DIR", help="the directory the ONNX file was exported from")
-    check.add_argument("onnx_path", metavar="FILE.onnx|FILE.engine")
+    check.add_argument("onnx_path", metavar="FILE.onnx|FILE.engine|DIR",
+                       help="an ONNX file, a TensorRT engine, or a text-generation export directory (checked as a "
+                            "generator: --batch prompts of --seq tokens, --steps decode steps)")
     check.add_argument("--json", action="store_true", help="print the parity report as JSON")
+    check.add_argument("--steps", type=int, default=32, help="decode steps of a text-generation check (32)")
     _add_run_flags(check, CHECK_SHAPE, "precision the ONNX file was exported in (default: read from the file)")
     check.set_defaults(handler=_check)
+
+    generate = commands.add_parser("generate", help="generate text with a text-generation export, in ONNX Runtime")
+    generate.add_argument("directory", metavar="DIR", help="a directory written by export --task text-generation")
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", nargs="+", metavar="TEXT", help="prompts (a batch), read by DIR's tokenizer")
+    prompts.add_argument("--ids", nargs="+", metavar='"ID ID ..."', help="prompts as token ids, one string each")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt at most (32)")
+    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching P (1.0)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling (0)")
+    generate.add_argument("--stop", type=int, nargs="*", metavar="ID", help="stop tokens (default: the model's eos)")
+    generate.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    generate.set_defaults(handler=_generate)
     return parser
 
 
@@ -313,10 +342,12 @@ def _export(args: argparse.Namespace) -> int:
     if args.engine is not None and args.target != "tensorrt":
         raise UsageError(f"--engine builds a TensorRT engine from a tensorrt-target ONNX file; use --target tensorrt "
                          f"(got --target {args.target}).")
-    model = load(args.model_dir)
+    if args.engine is not None and args.task != "forward":
+        raise UsageError("--engine builds an engine of the forward graph; drop --engine for --task text-generation.")
+    model = _saved_model(args.model_dir)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    report = export(model, _token_ids(model, args.batch, args.seq), args.out, target=args.target,
-                    dtype=DTYPES.get(args.dtype))
+    example = None if args.task == "text-generation" else _token_ids(model, args.batch, args.seq)
+    report = export(model, example, args.out, task=args.task, target=args.target, dtype=DTYPES.get(args.dtype))
     print(report.table())
     if args.engine is not None:
         from .export.tensorrt import build_engine
@@ -327,14 +358,62 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .export import check_parity
+    from .export import check_generation, check_parity
 
-    if not Path(args.onnx_path).is_file():
+    if not Path(args.onnx_path).exists():
         raise UsageError(f"{args.onnx_path}: no such file. Write it first with moe-compile export.")
-    model = load(args.model_dir)
-    report = check_parity(model, args.onnx_path, _token_ids(model, args.batch, args.seq), dtype=DTYPES.get(args.dtype))
+    model = _saved_model(args.model_dir)
+    inputs = _token_ids(model, args.batch, args.seq)
+    if Path(args.onnx_path).is_dir():
+        if args.steps < 1:
+            raise UsageError(f"--steps must be positive, got {args.steps}.")
+        report = check_generation(model, args.onnx_path, inputs, steps=args.steps)
+    else:
+        report = check_parity(model, args.onnx_path, inputs, dtype=DTYPES.get(args.dtype))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.passed else 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .export import Generator
+
+    generator = Generator(args.directory, threads=args.threads)
+    if args.prompt is not None:
+        prompts = args.prompt
+    else:
+        try:
+            prompts = [[int(token) for token in ids.split()] for ids in args.ids]
+        except ValueError:
+            raise UsageError(f"--ids takes token ids separated by spaces, e.g. --ids \"464 3290 318\"; got "
+                             f"{args.ids}.") from None
+    streamed = []
+
+    def stream(tokens: list[int]) -> None:  # one prompt: print its text as it comes
+        if len(tokens) == 1 and generator.tokenizer is not None:
+            streamed.append(tokens[0])
+            sys.stdout.write(generator.tokenizer.decode(streamed)[len(generator.tokenizer.decode(streamed[:-1])):])
+            sys.stdout.flush()
+
+    result = generator.generate(prompts, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=args.stop,
+                                on_token=stream)
+    if streamed:
+        print()
+    else:
+        for tokens, text in zip(result.tokens, result.text or [None] * len(result.tokens)):
+            print(text if text is not None else " ".join(map(str, tokens)))
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def _saved_model(directory: str) -> nn.Module:
+    """A model saved by moe-compile convert, or the dense model of a Hugging Face directory."""
+    path = Path(directory)
+    if path.is_dir() and not (path / RECIPE_FILE).is_file() and (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    return load(directory)
 
 
 def _token_ids(model: nn.Module, batch: int, seq: int) -> tuple[torch.Tensor]:
@@ -346,4 +425,6 @@ def _token_ids(model: nn.Module, batch: int, seq: int) -> tuple[torch.Tensor]:
     if batch < 1 or seq < 1:
         raise UsageError(f"--batch and --seq must be positive, got {batch} and {seq}.")
     generator = torch.Generator().manual_seed(0)
-    return (torch.randint(0, vocab, (batch, seq), generator=generator),)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    ids[:, seq // 2:] = ids[:, :seq - seq // 2].clone()  # real text repeats tokens: equal ids must route alike
+    return (ids,)

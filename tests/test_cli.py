@@ -194,7 +194,8 @@ def test_eval_trained_checkpoint_per_active_fraction(capsys, tmp_path):
     assert 0 < quarter["router_recall_held_out"] <= 1
 
 
-def test_eval_hf_model_reads_text_with_its_tokenizer(capsys, tmp_path):
+def save_hf_llama_with_tokenizer(directory: Path) -> None:
+    """A tiny LLaMA and a word-level tokenizer of the standard library's words, saved as transformers saves them."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -204,8 +205,12 @@ def test_eval_hf_model_reads_text_with_its_tokenizer(capsys, tmp_path):
     vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(list(words)[:VOCAB - 1])}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    make_dense_model("hf-llama").save_pretrained(tmp_path)
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path)
+    make_dense_model("hf-llama").save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
+
+
+def test_eval_hf_model_reads_text_with_its_tokenizer(capsys, tmp_path):
+    save_hf_llama_with_tokenizer(tmp_path)
     code, out, _ = run(capsys, "eval", "--hf", str(tmp_path), "--num-experts", "4", "--active", "0.5", *FAST_EVAL)
     assert code == 0 and re.search(r"MoE\s+50.0%\s+2 of 4", out)
 
@@ -224,3 +229,46 @@ def test_convert_with_calibration_flags(capsys, tmp_path):
     config = moe_compile.load(tmp_path / "moe").moe_report.config
     assert (config.split_strategy, config.router_init, config.shared_experts, config.compensate,
             config.distill_steps) == ("coactivation", "calibrated", 0, False, 3)
+
+
+def test_text_generation_export_check_and_generate(capsys, tmp_path):
+    """convert --hf (the tokenizer travels with the saved model), export --task text-generation, check the
+    directory as a generator, generate text (streamed) and token ids; the dense HF directory exports as well."""
+    pytest.importorskip("onnxruntime")
+    hf, saved, decoder = tmp_path / "hf", tmp_path / "moe", tmp_path / "decoder"
+    save_hf_llama_with_tokenizer(hf)
+    code, _, err = run(capsys, "convert", "--hf", str(hf), "--out", str(saved), "--experts", "split", "--num-experts",
+                       "4", "--combine", "weighted")
+    assert code == 0, err
+    assert (saved / "tokenizer.json").is_file()
+    code, out, err = run(capsys, "export", str(saved), "--task", "text-generation", "--target", "portable", "--out",
+                         str(decoder))
+    assert code == 0, err
+    assert "task=text-generation" in out and "tokenizer.json" in out and (decoder / "model.onnx").is_file()
+
+    code, out, err = run(capsys, "check", str(saved), str(decoder), "--steps", "6", "--json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["passed"] and report["steps"] == 6 and report["prompts"] == CHECK_SHAPE[0]
+
+    code, out, err = run(capsys, "generate", str(decoder), "--prompt", "def return import", "--max-new-tokens", "5",
+                         "--stop")
+    assert code == 0, err
+    assert len(out.split()) == 5 and "tokens/s" in err
+    expected = moe_compile.generate(decoder, ["def return import"], 5, stop_tokens=[]).text[0]
+    assert out.strip() == expected.strip()
+    code, out, err = run(capsys, "generate", str(decoder), "--ids", "5 6 7", "3 4", "--max-new-tokens", "4", "--stop")
+    assert code == 0 and [len(line.split()) for line in out.splitlines()] == [4, 4], err
+
+    code, out, err = run(capsys, "export", str(hf), "--task", "text-generation", "--target", "portable", "--out",
+                         str(tmp_path / "dense"))
+    assert code == 0 and (tmp_path / "dense" / "tokenizer.json").is_file(), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "missing-dir", "--ids", "1 2"], "not a directory written by export(task='text-generation')"),
+    (["export", "--task", "text-generation"], "the following arguments are required"),
+])
+def test_generation_commands_bad_input(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1

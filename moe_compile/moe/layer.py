@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..errors import LoweringError
 from .dispatch import run_experts
 from .experts import ExpertWeights
 from .ffn import DenseFFN
@@ -78,6 +79,14 @@ class MoELayer(nn.Module):
                         self.activation, _row(self.gate_weight, e), _row(self.gate_bias, e))(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise LoweringError(
+                "an MoELayer cannot be traced by torch.jit.trace, nor by torch.onnx.export(dynamo=False) or optimum's "
+                "exporter, which trace with it: the layer reads each expert's share of the tokens on the host "
+                "(data-dependent sizes), which only torch.export captures. Export the model with "
+                "moe_compile.export(model, example_inputs, path) (a decoder with a KV cache for generation: "
+                "moe_compile.export(model, None, directory, task='text-generation')), or compile it with "
+                "torch.compile / torch.export.")
         routed = self.router(x)
         dispatch = routed.dispatch
         flat = x.reshape(-1, x.shape[-1])
