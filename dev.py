@@ -2,6 +2,8 @@
 
     python3 dev.py demo    convert the embedded example GPT with every routing, export it, check parity
     python3 dev.py test    run the test suite (no tests collected counts as a failure)
+    python3 dev.py clients also set up .venv-clients (optimum-onnx, which pins transformers < 4.58) and check which
+                           family's text-generation export runs in our runner, onnxruntime-genai and optimum
 
 Needs only Python >= 3.10 with pip and venv.
 """
@@ -18,6 +20,9 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".moe-compile-installed"
+CLIENTS = ROOT / ".venv-clients"  # optimum's pins clash with ours: its own environment
+CLIENTS_PYTHON = CLIENTS / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+CLIENT_PACKAGES = ("optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58")
 TORCH = "torch==2.13.0"  # pinned: an unpinned torch pulls a multi-GB CUDA build
 
 
@@ -38,12 +43,24 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+def ensure_clients_venv() -> None:
+    if CLIENTS_PYTHON.exists():
+        return
+    if _run(sys.executable, "-m", "venv", str(CLIENTS)) or _run(
+            str(CLIENTS_PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", TORCH,
+            *CLIENT_PACKAGES):
+        sys.exit("dev.py: setting up .venv-clients failed (see pip's message above).")
+
+
 def main(argv: list[str]) -> int:
-    jobs = {"demo": [str(PYTHON), "examples/demo.py"], "test": [str(PYTHON), "-m", "pytest", "-q"]}
+    jobs = {"demo": [str(PYTHON), "examples/demo.py"], "test": [str(PYTHON), "-m", "pytest", "-q"],
+            "clients": [str(PYTHON), "examples/generation_clients.py", "--optimum-python", str(CLIENTS_PYTHON)]}
     if not argv or argv[0] not in jobs:
         print(__doc__)
         return 2
     ensure_venv()
+    if argv[0] == "clients":
+        ensure_clients_venv()
     code = _run(*jobs[argv[0]], *argv[1:])
     if argv[0] == "test" and code == 5:
         print("dev.py: pytest collected no tests; that is a failure, not a pass.", file=sys.stderr)
