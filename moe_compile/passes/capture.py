@@ -126,6 +126,14 @@ def record_calls(model: nn.Module, inputs: ModelInputs, modules: dict[str, nn.Mo
     return calls
 
 
+CAPTURED = "moe_compile.captured"  # GraphModule.meta key of a block captured by export_module
+
+
+def is_captured(module: nn.Module) -> bool:
+    """Whether `module` is a block's torch.export capture, which replays the kind of call it was recorded from."""
+    return isinstance(module, fx.GraphModule) and bool(module.meta.get(CAPTURED))
+
+
 def export_module(module: nn.Module, call: Call) -> fx.GraphModule:
     """`module`'s torch.export graph on the recorded call (exported in eval mode; raises what torch.export raises).
 
@@ -156,6 +164,7 @@ def export_module(module: nn.Module, call: Call) -> fx.GraphModule:
     graph_module = program.module()
     _dropouts_as_modules(graph_module)
     captured = fx.GraphModule(graph_module, graph_module.graph, class_name=type(module).__name__)
+    captured.meta[CAPTURED] = True
     if constants:
         captured.register_forward_pre_hook(DropKeywords(sorted(constants)), with_kwargs=True)
     return captured.train(was_training)

@@ -24,3 +24,16 @@ def test_tiny_suite_writes_results(tmp_path):
     assert {row["model"] for row in model["build"]} == {"dense", "split", "upcycle"}
     assert 0 < model["runs"][0]["ffn_share_of_dense_onnx"] and (tmp_path / "layer.png").stat().st_size > 0
     assert "| split 8/2 | onnxruntime |" in (tmp_path / "layer.md").read_text()
+
+
+def test_tiny_decode_benchmark_writes_results(tmp_path):
+    pytest.importorskip("matplotlib", reason="the decode benchmark's plot needs the `plot` extra (matplotlib)")
+    script = RUNNER.parent / "decode.py"
+    subprocess.run([sys.executable, str(script), "--tiny", "--family", "gpt2", "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    results = json.loads((tmp_path / "decode.json").read_text())
+    rows = results["families"][0]["rows"]
+    assert {(r["variant"], r["runtime"]) for r in rows} >= {("split 8/2", "onnxruntime"), ("split 8/2", "eager"),
+                                                            ("upcycle 8/2", "onnxruntime"), ("dense", "eager")}
+    assert all(r["per_token_ms"] > 0 and r["ttft_ms"] > 0 for r in rows)
+    assert any("prefill_amdahl_bound" in r for r in rows) and (tmp_path / "decode.png").stat().st_size > 0

@@ -231,3 +231,27 @@ def test_onnxruntime_genai_loads_the_directory_and_generates_the_same_tokens(exp
 def test_no_genai_config_for_model_types_genai_does_not_know(exported_decoder):
     _, directory, report = exported_decoder("gpt2", "split")
     assert "genai_config.json" not in report.files and not (directory / "genai_config.json").exists()
+
+
+class MaskedMLP(torch.nn.Module):
+    """A gated MLP written so that torch.fx cannot trace it (a factory call on a traced size): convert captures
+    it with torch.export."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x):
+        keep = torch.ones(x.shape[1], 1)
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x)) * keep
+
+
+def test_block_captured_by_torch_export_generates(tmp_path):
+    dense = build("llama")
+    for layer in dense.model.layers:
+        layer.mlp = MaskedMLP(layer.mlp)
+    model = convert(dense, **SPLIT)
+    assert all("torch.export graph" in site.reason for site in model.moe_report.converted)
+    moe_compile.export(model, None, tmp_path, task="text-generation")
+    parity = moe_compile.check_generation(model, tmp_path, PROMPTS, steps=8)
+    assert parity.passed and parity.token_agreement == 1.0, parity.table()
