@@ -85,6 +85,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """`model` with each attention subgraph replaced by one com.microsoft.MultiHeadAttention node, and how many
     were fused (0: `model` itself, unchanged). The input proto is not modified."""
     ir_model = ir.from_proto(model)
+    before = _count_fused(ir_model)
     common_passes.ShapeInferencePass()(ir_model)
     if sdpa_rules.apply_to_model(ir_model) == 0:
         return model, 0
@@ -93,9 +94,11 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     _MHA_RULES.apply_to_model(ir_model)
     sdpa_via_mha_rules.apply_to_model(ir_model)
     common_passes.RemoveUnusedNodesPass()(ir_model)
-    nodes = list(ir_model.graph.all_nodes())
-    if any(node.domain == _SDPA_DOMAIN for node in nodes):  # an SDPA left: not a valid graph, keep the export
+    if any(node.domain == _SDPA_DOMAIN for node in ir_model.graph.all_nodes()):  # not a valid graph: keep the export
         return model, 0
-    fused = sum(node.op_type == FUSED_OP and node.domain == FUSED_DOMAIN for node in nodes)
     ir_model.opset_imports.setdefault(FUSED_DOMAIN, 1)
-    return ir.to_proto(ir_model), fused
+    return ir.to_proto(ir_model), _count_fused(ir_model) - before
+
+
+def _count_fused(ir_model: ir.Model) -> int:
+    return sum(node.op_type == FUSED_OP and node.domain == FUSED_DOMAIN for node in ir_model.graph.all_nodes())
