@@ -34,7 +34,7 @@ and otherwise into
      and masks them): 1.7x faster attention at 2048 tokens. Causal is decided by `causal`: None (default)
      probes each mask, running the subgraph that computes it (standard ops on the input shapes, and the
      attention_mask if the export takes one) at two small shapes with every integer input all ones (no
-     padding: the least masking input) and requires the strict upper triangle to be <= -1e30 (finfo.min);
+     padding: the least masking input) and requires the strict upper triangle to be <= finfo(dtype).min / 2;
      True trusts the caller; False keeps MultiHeadAttention.
 
 The mask goes in unchanged (broadcast over heads), so padding and sliding windows are kept; causal=1 only adds
@@ -186,7 +186,7 @@ def _causal_masks(model: onnx.ModelProto, masks: list[str]) -> set[str]:
     """The masks (additive attention biases [B or 1, H or 1, S, S]) that mask every key after its query, probed:
     the subgraph computing them run in ONNX Runtime at PROBE_SHAPES, every integer input all ones (all tokens
     valid: the least masking attention_mask; ids and positions only feed shapes and position arithmetic) and
-    every float input zeros. A mask that is not [.., S, S], not finite-negative (<= -1e30) above the diagonal at
+    every float input zeros. A mask that is not [.., S, S], not <= finfo(dtype).min / 2 above the diagonal at
     every probe, or whose subgraph cannot be run alone, is not causal."""
     if not masks:
         return set()
@@ -232,7 +232,8 @@ def _causal_masks(model: onnx.ModelProto, masks: list[str]) -> set[str]:
                                                                                            dtype)
             for name, value in zip(masks, session.run(masks, feeds)):
                 above = np.triu(np.ones((seq, seq), dtype=bool), 1)
-                if value.ndim != 4 or value.shape[-2:] != (seq, seq) or not np.all(value[..., above] <= -1e30):
+                if (value.ndim != 4 or value.shape[-2:] != (seq, seq) or not np.issubdtype(value.dtype, np.floating)
+                        or not np.all(value[..., above] <= np.finfo(value.dtype).min / 2)):
                     causal.discard(name)
         return causal
     except Exception as error:  # a mask subgraph ONNX Runtime cannot run on its own: no claim
