@@ -145,7 +145,9 @@ def fuse_attention(model: onnx.ModelProto, *, causal: Optional[bool] = None) -> 
 
     causal: None (default) probes each attention mask (`_causal_masks`) and lowers the attention whose mask is
     causal to GroupQueryAttention(causal=1), the rest to MultiHeadAttention; False: MultiHeadAttention only;
-    True: every masked self-attention is causal (the caller knows it; no probe)."""
+    True: every masked self-attention is causal (the caller knows it; no probe). A mask that a probe cannot run
+    on its own (it depends on a custom-domain node, a control-flow op or an input of unknown inner dims) is not
+    causal; why is logged at DEBUG level on this module's logger."""
     ir_model = ir.from_proto(model)
     before = _count_fused(ir_model)
     common_passes.ShapeInferencePass()(ir_model)
@@ -168,10 +170,6 @@ def fuse_attention(model: onnx.ModelProto, *, causal: Optional[bool] = None) -> 
             common_passes.RemoveUnusedNodesPass()(ir_model)
     ir_model.opset_imports.setdefault(FUSED_DOMAIN, 1)
     return ir.to_proto(ir_model), _count_fused(ir_model) - before
-
-
-def _is_mha(node: ir.Node) -> bool:
-    return node.op_type == FUSED_OP and node.domain == FUSED_DOMAIN
 
 
 def _count_fused(ir_model: ir.Model) -> int:
