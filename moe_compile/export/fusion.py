@@ -31,7 +31,8 @@ and otherwise into
      back; RoPE and the K/V repetition stay standard ops.
   3. `_CausalGQA`: a MultiHeadAttention whose mask is causal becomes GroupQueryAttention with causal=1 and the
      same mask as attention_bias. ONNX Runtime's CPU kernel then skips the keys after each query (MHA computes
-     and masks them): 1.7x faster attention at 2048 tokens. Causal is decided by `causal`: None (default)
+     and masks them): one attention of GPT-2-small at 2048 tokens, 1 thread, 136 ms instead of 231 (MHA; 374
+     unfused; ONNX-23 Attention 231-240). Causal is decided by `causal`: None (default)
      probes each mask, running the subgraph that computes it (standard ops on the input shapes, and the
      attention_mask if the export takes one) at two small shapes with every integer input all ones (no
      padding: the least masking input) and requires the strict upper triangle to be <= finfo(dtype).min / 2;
