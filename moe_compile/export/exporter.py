@@ -11,7 +11,8 @@ Targets:
             linearly with the number of experts.
   ort       each MoE layer that com.microsoft.MoE expresses exactly becomes that one node (see ort_moe.py);
             every other layer keeps the portable lowering and the report says why (or, with
-            fallback=False, export raises LoweringError).
+            fallback=False, export raises LoweringError). Attention is fused into ONNX Runtime's attention
+            ops (fusion.py: GroupQueryAttention where the mask is causal, MultiHeadAttention otherwise).
   tensorrt  each dropless token-choice MoE layer becomes router ops (MatMul, Softmax, TopK, Cast to INT32) feeding
             one `moe_compile::moe_ffn` node, the TensorRT plugin of export/tensorrt.py (see trt_moe.py); the
             rest is standard ONNX, other layers fall back to portable as for `ort`. Also exports bfloat16.
@@ -27,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Union
 
+import onnx
 import torch
 import torch.nn as nn
 
@@ -35,6 +37,7 @@ from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelCall, ModelInputs, as_m
 from ..moe import MoELayer, iter_moe_layers
 from ..passes.rewrite import replace_submodule
 from . import decoder
+from .fusion import fuse_attention
 from .layer_functions import LayerFunctions
 from .ort_moe import OP_NAME, OrtMoE, may_drop, ort_unsupported_reason
 from .report import ExportReport, LayerLowering
@@ -122,7 +125,8 @@ def _export_decoder(model: nn.Module, directory: Path, *, target: str, dtype: Op
     _, layer_inputs = _record_layer_inputs(work, lambda: call(*args))
     report = _lower_and_save(call, args, layer_inputs, directory / decoder.MODEL_FILE, target=target, dynamic=True,
                              dynamic_shapes=dynamic_shapes, dtype=dtype, fallback=fallback, opset=opset,
-                             input_names=layout.input_names(), output_names=layout.output_names())
+                             input_names=layout.input_names(), output_names=layout.output_names(),
+                             causal_attention=False)  # queries see the past: no square causal mask
     report.task = "text-generation"
     report.files = decoder.write_client_files(model, layout, directory, dtype or torch.float32)
     return report
@@ -145,8 +149,10 @@ def _record_layer_inputs(work: nn.Module, run):
 
 def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, target: str, dynamic: bool,
                     dynamic_shapes, dtype: Optional[torch.dtype], fallback: bool, opset: Optional[int],
-                    input_names: list[str], output_names: list[str]) -> ExportReport:
-    """Lower every MoE layer of `call` (a module over the deep copy) for `target`, export call(*args), save."""
+                    input_names: list[str], output_names: list[str],
+                    causal_attention: Optional[bool] = None) -> ExportReport:
+    """Lower every MoE layer of `call` (a module over the deep copy) for `target`, export call(*args), save; for
+    target "ort", fuse attention (causal_attention: see fusion.fuse_attention's `causal`)."""
     if dtype is not None:
         call = call.to(dtype)
         args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
@@ -166,8 +172,21 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
                                     verbose=False)
         functions.inline_into(program.model, _opset_of(program))
     program.save(os.fspath(path))
+    fused = _fuse_attention(path, causal_attention) if target == "ort" else 0
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
-                        opset=_opset_of(program))
+                        opset=_opset_of(program), attention_fused=fused)
+
+
+def _fuse_attention(path, causal: Optional[bool]) -> int:
+    """Rewrite the saved file's attention subgraphs into ONNX Runtime's fused attention ops (fusion.py); returns
+    how many were fused."""
+    model, fused = fuse_attention(onnx.load(os.fspath(path)), causal=causal)
+    if fused:
+        weights = sum(len(t.raw_data) for t in model.graph.initializer)
+        external = weights > 1_900_000_000  # a protobuf holds at most 2 GB
+        onnx.save(model, os.fspath(path), save_as_external_data=external,
+                  location=os.path.basename(os.fspath(path)) + ".data" if external else None)
+    return fused
 
 
 def _check_example(model: nn.Module, inputs: ModelInputs) -> None:

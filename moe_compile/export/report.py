@@ -27,14 +27,18 @@ class ExportReport:
     opset: Optional[int] = None
     task: str = "forward"  # or "text-generation": `path` is then the decoder with a KV cache in its directory
     files: list[str] = field(default_factory=list)  # text-generation: the files written beside it
+    attention_fused: int = 0  # target ort: attention subgraphs rewritten into ONNX Runtime's fused ops
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "task": self.task, "target": self.target, "dtype": self.dtype,
-                "opset": self.opset, "files": self.files, "layers": [asdict(layer) for layer in self.layers]}
+                "opset": self.opset, "files": self.files,
+                "attention_fused": self.attention_fused, "layers": [asdict(layer) for layer in self.layers]}
 
     def table(self) -> str:
         task = "" if self.task == "forward" else f"task={self.task}, "
         head = f"ONNX export: {self.path}  ({task}target={self.target}, dtype={self.dtype}, opset={self.opset})"
+        if self.attention_fused:
+            head += f"\nattention: {self.attention_fused} layers fused into ONNX Runtime attention ops"
         if self.files:
             head += f"\nbeside it: {', '.join(self.files)}"
         rows = [("layer", "routing", "lowering", "capacity", "may drop", "note")]

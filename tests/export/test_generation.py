@@ -115,6 +115,8 @@ def test_decoder_layout_is_optimum_s(exported_decoder):
 def test_ort_target_generates(exported_decoder):
     model, directory, report = exported_decoder("llama", "upcycle", "ort")
     assert {layer.lowering for layer in report.layers} == {"com.microsoft.MoE"}
+    ops = [node.op_type for node in onnx.load(str(directory / "model.onnx")).graph.node]
+    assert report.attention_fused == 2 and ops.count("MultiHeadAttention") == 2  # attention over past + new keys
     parity = moe_compile.check_generation(model, directory, PROMPTS, steps=8)
     assert parity.passed, parity.table()
 
