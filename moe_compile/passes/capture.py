@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ..errors import MoECompileError
 from ..model_io import ModelCall, ModelInputs
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # (args, kwargs)
@@ -134,11 +135,12 @@ def is_captured(module: nn.Module) -> bool:
     return isinstance(module, fx.GraphModule) and bool(module.meta.get(CAPTURED))
 
 
-def export_module(module: nn.Module, call: Call) -> fx.GraphModule:
+def export_module(module: nn.Module, call: Call, name: str = "") -> fx.GraphModule:
     """`module`'s torch.export graph on the recorded call (exported in eval mode; raises what torch.export raises).
 
     Keyword arguments without tensors that reach the forward's **kwargs (transformers passes flags such as
-    use_cache so) are bound as constants for the export, and dropped from later calls by a forward pre-hook."""
+    use_cache so) are bound as constants for the export; a forward pre-hook drops them from later calls that pass
+    the same values and refuses, naming the block (`name`) and the argument, a call that passes others."""
     args, kwargs = call
     signature = inspect.signature(module.forward)
     named = {name for name, p in signature.parameters.items() if p.kind != p.VAR_KEYWORD}
@@ -166,18 +168,33 @@ def export_module(module: nn.Module, call: Call) -> fx.GraphModule:
     captured = fx.GraphModule(graph_module, graph_module.graph, class_name=type(module).__name__)
     captured.meta[CAPTURED] = True
     if constants:
-        captured.register_forward_pre_hook(DropKeywords(sorted(constants)), with_kwargs=True)
+        captured.register_forward_pre_hook(DropKeywords(constants, name or type(module).__name__), with_kwargs=True)
     return captured.train(was_training)
 
 
 class DropKeywords:
-    """A forward pre-hook that drops the keyword arguments a captured graph holds as constants."""
+    """A forward pre-hook that drops the keyword arguments a captured graph holds as constants, and refuses a call
+    that passes another value for one (the graph would silently compute the recorded call)."""
 
-    def __init__(self, names: list[str]):
-        self.names = names
+    def __init__(self, constants: dict[str, Any], block: str):
+        self.constants = constants
+        self.block = block
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return args, {k: v for k, v in kwargs.items() if k not in self.names}
+        for key, recorded in self.constants.items():
+            if key in kwargs and not _same_constant(kwargs[key], recorded):
+                raise MoECompileError(
+                    f"{self.block} was captured with torch.export on a call with {key}={recorded!r} and computes "
+                    f"only that call; it was called with {key}={kwargs[key]!r}. Convert with example inputs that make "
+                    f"the model call {self.block} as you will run it (e.g. the same {key}).")
+        return args, {k: v for k, v in kwargs.items() if k not in self.constants}
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) if type(a) is type(b) else a is b
+    except Exception:  # objects without a usable ==
+        return a is b
 
 
 def _dropouts_as_modules(graph_module: fx.GraphModule) -> None:

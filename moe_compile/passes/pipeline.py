@@ -132,7 +132,7 @@ def _capture(model: nn.Module, inputs: ModelInputs, blocks: set[str]) -> dict[st
             captured[block] = f"{block} is not called by the model's forward"
             continue
         try:
-            captured[block] = export_module(module, calls[block])
+            captured[block] = export_module(module, calls[block], block)
         except Exception as error:  # torch.export raises many kinds; each means "this block did not export"
             captured[block] = f"torch.export of {block} failed ({first_line(error)})"
     return captured

@@ -132,3 +132,40 @@ def test_converting_a_converted_model_says_so(converted):
     with pytest.raises(moe_compile.MoECompileError, match="already converted"):
         moe_compile.convert(copy.deepcopy(converted("gpt-runtime-mask", "switch")), MoEConfig(num_experts=4),
                             example_inputs=ids((1, 1)))
+
+
+class FlaggedBlock(torch.nn.Module):
+    """A block fx cannot trace (a factory call on a traced size) that takes a flag through **kwargs, as
+    transformers passes use_cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x, **kwargs):
+        keep = torch.ones(x.shape[1], 1)
+        y = self.down(torch.nn.functional.gelu(self.up(x))) * keep
+        return 2 * y if kwargs.get("double") else y
+
+
+class FlaggedModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = FlaggedBlock()
+
+    def forward(self, x, double: bool = False):
+        return self.block(x, double=double)
+
+
+def test_captured_block_refuses_a_call_it_was_not_recorded_for():
+    """The capture holds double=False as a constant: the same call runs, another value is refused by name instead
+    of silently computing the recorded call."""
+    dense = FlaggedModel().eval()
+    x = torch.randn(2, 5, 16)
+    moe = moe_compile.convert(dense, MoEConfig(num_experts=4, top_k=4, experts="split"), example_inputs=(x,))
+    assert "torch.export graph" in moe.moe_report.converted[0].reason
+    with torch.no_grad():
+        assert (moe(x) - dense(x)).abs().max() <= 1e-5
+        with pytest.raises(moe_compile.MoECompileError, match="block was captured .* double=False .* double=True"):
+            moe(x, double=True)
