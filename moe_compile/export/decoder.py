@@ -99,8 +99,8 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     if cache_argument is None or "use_cache" not in params or getattr(model, "config", None) is None:
         raise MoECompileError(
             f"export(task='text-generation'): {name} has no KV cache interface (a transformers causal LM, whose "
-            "forward takes a cache (past_key_values) and use_cache). Export it with task='forward' (a prompt-only graph), or "
-            "give the model a transformers-style cache.")
+            "forward takes a cache (past_key_values) and use_cache). Export it with task='forward' (a prompt-only "
+            "graph), or give the model a transformers-style cache.")
     if getattr(model.config, "is_encoder_decoder", False):
         raise MoECompileError(f"export(task='text-generation'): {name} is an encoder-decoder; this export writes "
                               "decoder-only LMs. Export it with task='forward'.")
