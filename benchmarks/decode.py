@@ -48,7 +48,7 @@ class Sizes:
 
 
 FULL = Sizes(12, 768, 12, 4, 2048, 50257, 32000, (1, 8), (128, 512), 128, rounds=3)
-TINY = Sizes(2, 64, 4, 2, 128, 256, 256, (1, 2), (8,), 4, rounds=1)
+TINY = Sizes(2, 64, 4, 2, 128, 256, 256, (2,), (8,), 4, rounds=1)
 VARIANTS = ("dense", "split 8/2", "upcycle 8/2", "no FFN")
 
 

@@ -89,7 +89,7 @@ shapes = st.tuples(st.integers(1, 3), st.integers(2, 12))
 
 
 @given(model_name=st.sampled_from(MODELS), fields=configs(), shape=shapes, seed=st.integers(0, 100))
-@settings(max_examples=4 * settings.default.max_examples)
+@settings(max_examples=2 * settings.default.max_examples)
 def test_eager_invariants(model_name, fields, shape, seed):
     model = convert(model_name, fields)
     config = model.moe_report.config
@@ -115,6 +115,7 @@ def test_eager_invariants(model_name, fields, shape, seed):
 
 
 @given(fields=configs(), shape=shapes, seed=st.integers(0, 100))
+@settings(max_examples=max(10, settings.default.max_examples // 2))
 def test_left_padding_invariance_with_dropless_routing(fields, shape, seed):
     """An HF model with an attention mask: a left-padded sequence gives its unpadded logits at its positions."""
     fields = {**fields, "routing": "token_choice", "capacity_factor": None,
