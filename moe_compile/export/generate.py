@@ -142,8 +142,7 @@ class Generator:
         for row, prompt in enumerate(ids):  # left padding
             tokens[row, longest - len(prompt):] = prompt
             mask[row, longest - len(prompt):] = 1
-        empty = np.zeros((batch, self.metadata["kv_heads"], 0, self.metadata["head_dim"]), dtype=self.dtype)
-        cache = [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+        cache = self._empty_cache(batch)
         new = [[] for _ in range(batch)]
         finished = np.zeros(batch, dtype=bool)
         step_times, first = [], 0.0
@@ -172,6 +171,11 @@ class Generator:
             result.text = [self.tokenizer.decode(seq) for seq in new]
         return result
 
+    def _empty_cache(self, batch: int) -> list:
+        """The past of a prefill: past length 0 for every layer's keys and values."""
+        empty = np.zeros((batch, self.metadata["kv_heads"], 0, self.metadata["head_dim"]), dtype=self.dtype)
+        return [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+
     def _step(self, tokens: np.ndarray, mask: np.ndarray, cache: list) -> tuple[np.ndarray, list]:
         """One decoder call on `tokens` [b, s] (the last s positions of `mask`) -> (logits, present cache)."""
         binding = self.session.io_binding()
@@ -194,9 +198,7 @@ class Generator:
         per token of `continuation` (the logits after feeding it)."""
         tokens = np.asarray([list(prompt)], dtype=np.int64)
         mask = np.ones_like(tokens)
-        empty = np.zeros((1, self.metadata["kv_heads"], 0, self.metadata["head_dim"]), dtype=self.dtype)
-        cache = [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
-        logits, cache = self._step(tokens, mask, cache)
+        logits, cache = self._step(tokens, mask, self._empty_cache(1))
         rows = [logits[0, -1]]
         for token in continuation:
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)

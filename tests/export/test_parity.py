@@ -78,3 +78,19 @@ def test_parity_input_errors(exported, tmp_path):
         moe_compile.check_parity(exp.model, tmp_path / "missing.onnx", token_ids((1, 4)))
     with pytest.raises(ValueError, match="takes 1 inputs"):
         moe_compile.check_parity(exp.model, exp.path, (token_ids((1, 4)), token_ids((1, 4))))
+
+
+def test_bound_is_absolute_up_to_1_and_relative_beyond():
+    """tolerance * max(1, max |b|): fp32 rounding on logits of magnitude 178 (a real 270M model's 4e-4) passes,
+    an error the size of a wrong routing decision (0.3) fails at any scale, and small outputs keep the absolute 1e-4."""
+    import numpy as np
+
+    from moe_compile.export.parity import compare
+
+    tolerance = TOLERANCES[torch.float32]
+    large = np.linspace(-178, 178, 1000)
+    assert compare("logits", large + 4e-4, large, tolerance).passed
+    assert not compare("logits", large + 0.3, large, tolerance).passed
+    small = np.linspace(-0.5, 0.5, 1000)
+    assert compare("logits", small + 9e-5, small, tolerance).passed
+    assert not compare("logits", small + 2e-4, small, tolerance).passed
