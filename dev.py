@@ -1,7 +1,7 @@
 """Set up .venv (torch==2.13.0 CPU + moe-compile with its test extra) when needed, then run a job.
 
     python3 dev.py demo    convert the embedded example GPT with every routing, export it, check parity
-    python3 dev.py test    run the test suite (no tests collected counts as a failure)
+    python3 dev.py test    run the test suite, a worker per core (no tests collected counts as a failure)
     python3 dev.py clients also set up .venv-clients (optimum-onnx, which pins transformers < 4.58) and check which
                            family's text-generation export runs in our runner, onnxruntime-genai and optimum
 
@@ -53,7 +53,8 @@ def ensure_clients_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
-    jobs = {"demo": [str(PYTHON), "examples/demo.py"], "test": [str(PYTHON), "-m", "pytest", "-q"],
+    jobs = {"demo": [str(PYTHON), "examples/demo.py"],
+            "test": [str(PYTHON), "-m", "pytest", "-q", "-n", "auto", "--durations=10"],
             "clients": [str(PYTHON), "examples/generation_clients.py", "--optimum-python", str(CLIENTS_PYTHON)]}
     if not argv or argv[0] not in jobs:
         print(__doc__)

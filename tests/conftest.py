@@ -14,6 +14,8 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU; triton reads this when it is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `dev.py test` runs a worker per core: the cores shared among them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from moe_compile.example_models import build_example
 
