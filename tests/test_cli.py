@@ -86,7 +86,7 @@ def test_python_dash_m_runs_the_cli():
 
 @pytest.mark.parametrize("argv, message", [
     ([], r"the following arguments are required: COMMAND"),
-    (["inspect"], r"one of the arguments --example --checkpoint --hf --model is required"),
+    (["inspect"], r"one of the arguments --example --checkpoint --hf --gguf --model is required"),
     (["inspect", "--example", "nanogpt", "--hf", "x"], r"argument --hf: not allowed with argument --example"),
     (["inspect", "--example", "nanogpt", "--top-k", "9"],
      r"MoEConfig.top_k: top_k=9 is more than num_experts=8. Lower top_k or raise num_experts."),
