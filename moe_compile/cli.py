@@ -42,7 +42,7 @@ from .config import (
 )
 from .evaluate import evaluate_split, evaluation_table
 from .example_models import EXAMPLE_MODELS, build_example, load_checkpoint
-from .example_text import calibration_batches, perplexity, stdlib_text, token_ids
+from .example_text import calibration_batches, score, stdlib_text, token_ids
 from .heal import LOSSES, heal
 from .hf_checkpoint import convert_hf_checkpoint
 from .passes import convert, find_ffn_blocks
@@ -333,11 +333,12 @@ def _eval(args: argparse.Namespace) -> int:
     validation = text.tokens(args.text, "validation")
     calibration = None if args.no_calibration else text.calibration_batches(args)
     fields = {"experts": "split", **{name: getattr(args, name) for name in CONFIG_FLAGS if hasattr(args, name)}}
-    dense_perplexity = perplexity(dense, validation, length=text.length, max_windows=args.windows, bos=text.bos)
+    dense_perplexity, dense_predictions = score(dense, validation, length=text.length, max_windows=args.windows,
+                                                bos=text.bos)
     rows = []
     for fraction in args.active:
         rows.append(evaluate_split(dense, fields, fraction, validation, calibration, text.length, args.windows,
-                                   bos=text.bos))
+                                   bos=text.bos, dense_predictions=dense_predictions))
         print(f"{fraction:.1%} active: perplexity {rows[-1]['perplexity']:.3f}", file=sys.stderr, flush=True)
     print(evaluation_table(dense_perplexity, rows))
     if args.json is not None:

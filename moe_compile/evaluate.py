@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import MoEConfig
-from .example_text import perplexity
+from .example_text import score
 from .passes import convert
 from .stats import model_stats
 from .table import format_table
@@ -35,11 +35,12 @@ def top_k_at(num_experts: int, fraction: float) -> int:
 
 def evaluate_split(dense: nn.Module, fields: dict[str, Any], fraction: float, validation: torch.Tensor,
                    calibration: Optional[Sequence[Any]] = None, length: int = 128, max_windows: int = 128,
-                   bos: Optional[int] = None) -> dict:
+                   bos: Optional[int] = None, dense_predictions: Optional[torch.Tensor] = None) -> dict:
     """Convert `dense` with split experts (MoEConfig(**fields), top_k for `fraction`), calibrated on `calibration`
     when given, and measure it on `validation` (token ids [n]; windows led by `bos` when given). Returns the row:
     experts, top_k, shared_experts, active (from model_stats), perplexity, convert_seconds, router_recall_held_out
-    (mean over sites, or None) and the resolved config."""
+    (mean over sites, or None), top1_agreement (the share of next-token predictions equal to `dense_predictions`,
+    the dense model's from example_text.score on the same windows; None without them) and the resolved config."""
     fields = {"experts": "split", **fields}
     fields["top_k"] = top_k_at(fields.get("num_experts", MoEConfig.num_experts), fraction)
     config = MoEConfig(**fields)
@@ -52,22 +53,26 @@ def evaluate_split(dense: nn.Module, fields: dict[str, Any], fraction: float, va
     recalls = [site.calibration["router_recall_held_out"] for site in moe.moe_report.converted
                if "router_recall_held_out" in site.calibration]
     resolved = moe.moe_report.config
+    ppl, predictions = score(moe, validation, length=length, max_windows=max_windows, bos=bos)
+    agreement = None if dense_predictions is None else float((predictions == dense_predictions).float().mean())
     return {"experts": resolved.num_experts, "top_k": resolved.top_k, "shared_experts": resolved.shared_experts,
             "active": model_stats(moe).active_fraction,
-            "perplexity": perplexity(moe, validation, length=length, max_windows=max_windows, bos=bos),
+            "perplexity": ppl, "top1_agreement": agreement,
             "convert_seconds": seconds,
             "router_recall_held_out": sum(recalls) / len(recalls) if recalls else None,
             "config": resolved.to_dict()}
 
 
 def evaluation_table(dense_perplexity: float, rows: Sequence[dict]) -> str:
-    """Dense and each row: active share, k of E (shared groups), perplexity, change against dense, time, recall."""
-    lines = [("model", "active FFN", "experts", "perplexity", "vs dense", "convert", "router recall"),
-             ("dense", "100%", "-", f"{dense_perplexity:.3f}", "-", "-", "-")]
+    """Dense and each row: active share, k of E (shared groups), perplexity, change against dense, top-1 agreement
+    with dense, time, recall."""
+    lines = [("model", "active FFN", "experts", "perplexity", "vs dense", "top-1 = dense", "convert", "router recall"),
+             ("dense", "100%", "-", f"{dense_perplexity:.3f}", "-", "-", "-", "-")]
     for row in rows:
-        recall = row["router_recall_held_out"]
+        recall, agreement = row["router_recall_held_out"], row.get("top1_agreement")
         experts = f"{row['top_k']} of {row['experts']} ({row['shared_experts']} shared)"
         lines.append(("MoE", f"{row['active']:.1%}", experts,
                       f"{row['perplexity']:.3f}", f"{row['perplexity'] / dense_perplexity - 1:+.1%}",
+                      "-" if agreement is None else f"{agreement:.1%}",
                       f"{row['convert_seconds']:.1f} s", "-" if recall is None else f"{recall:.2f}"))
     return format_table(lines)

@@ -91,7 +91,6 @@ def calibration_batches(length: int = 128, count: int = 64, batch_size: int = 16
     return list(ids.split(batch_size))
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_size: int = 32,
                max_windows: int = 256, progress: Callable[[Iterator], Iterator] = iter,
                bos: Optional[int] = None) -> float:
@@ -100,6 +99,15 @@ def perplexity(model: torch.nn.Module, data: torch.Tensor, length: int = 128, ba
     bos: a token id put before every window (models such as Gemma want it); it is context, never scored, so
     each window scores the same `length` predictions with or without it.
     """
+    return score(model, data, length, batch_size, max_windows, progress, bos)[0]
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_size: int = 32,
+          max_windows: int = 256, progress: Callable[[Iterator], Iterator] = iter,
+          bos: Optional[int] = None) -> tuple[float, torch.Tensor]:
+    """(perplexity, the model's top-1 next-token predictions [windows, length]) on the windows of `perplexity`;
+    the share of predictions two models agree on is their top-1 agreement."""
     count = min((len(data) - 1) // length, max_windows)
     if count < 1:
         raise ValueError(f"perplexity: {len(data)} tokens do not fill one window of {length + 1}; give more text.")
@@ -107,8 +115,9 @@ def perplexity(model: torch.nn.Module, data: torch.Tensor, length: int = 128, ba
     inputs, targets = ids[:-1].view(count, length), ids[1:].view(count, length)
     if bos is not None:
         inputs = torch.cat([torch.full((count, 1), bos, dtype=torch.long), inputs], dim=1)
-    total = 0.0
+    total, predictions = 0.0, []
     for x, y in progress(zip(inputs.split(batch_size), targets.split(batch_size))):
         logits = named_outputs(model(x))["logits"][:, int(bos is not None):]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
-    return math.exp(total / targets.numel())
+        predictions.append(logits.argmax(-1))
+    return math.exp(total / targets.numel()), torch.cat(predictions)

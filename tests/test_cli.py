@@ -190,6 +190,7 @@ def test_eval_trained_checkpoint_per_active_fraction(capsys, tmp_path):
     quarter, whole = result["rows"]
     assert whole["perplexity"] == pytest.approx(result["dense_perplexity"], rel=1e-5)  # k = E: the dense FFN
     assert quarter["perplexity"] > result["dense_perplexity"]
+    assert whole["top1_agreement"] == 1.0 and 0 < quarter["top1_agreement"] < 1.0
     assert (quarter["config"]["split_strategy"], quarter["config"]["router_init"]) == ("coactivation", "calibrated")
     assert 0 < quarter["router_recall_held_out"] <= 1
 
