@@ -28,7 +28,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -81,23 +81,25 @@ class HealReport:
 
 def heal(model: nn.Module, teacher: nn.Module, data: torch.Tensor, tokens: int = 100_000, length: int = 256,
          batch_size: int = 4, loss: Optional[str] = None, positions: Optional[int] = 64, lr: float = 1e-4,
-         train: str = "moe", bos: Optional[int] = None,
+         train: Union[str, Sequence[str]] = "moe", bos: Optional[int] = None,
          eval_data: Optional[torch.Tensor] = None, eval_every: Optional[int] = None, eval_windows: int = 8,
          checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 50, seed: int = 0,
          progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None) -> HealReport:
     """Train `model` (a converted model, in place) to `teacher` (its dense source) on `tokens` tokens of `data`.
 
-    data: token ids [n], windows of `length` tokens drawn from it (`bos` prepended to each when the model wants
-    one, e.g. Gemma). loss: one of LOSSES ("logits": any model returning logits; "hidden": transformers models;
-    default "logits+hidden" where both models give hidden states, else "logits"), the logits at `positions` sampled positions per window (None: every position). train: "moe" (the MoE layers' parameters) or "all". eval_data: token ids [n] whose held-out
-    perplexity is measured before, every `eval_every` tokens and after. checkpoint_dir: where the run is saved,
-    and resumed from when it holds a checkpoint of the same settings. on_step(step, loss) is called after each
-    step. Returns the HealReport; the model is left in eval mode.
+    data: token ids [n], windows of `length` tokens drawn from it (`bos` leading each when the model wants one,
+    e.g. Gemma). loss: one of LOSSES ("logits": any model returning logits; "hidden": transformers models; default
+    "logits+hidden" where both models give hidden states, else "logits"), the logits scored at `positions`
+    sampled positions per window (None: every position). train: "moe" (the MoE layers' parameters), "all", or
+    the parameter-name prefixes to train (e.g. a pruned dense baseline's FFN modules).
+    eval_data: token ids [n] whose held-out perplexity is measured before, every `eval_every` tokens and after.
+    checkpoint_dir: where the run is saved, and resumed from when it holds a checkpoint of the same settings.
+    on_step(step, loss) is called after each step. Returns the HealReport; the model is left in eval mode.
     """
     if loss is None:
         loss = "logits+hidden" if _backbone(model) is not None and _backbone(teacher) is not None else "logits"
     settings = dict(tokens=tokens, length=length, batch_size=batch_size, loss=loss, positions=positions, lr=lr,
-                    train=train, bos=bos, seed=seed)
+                    train=train if isinstance(train, str) else list(train), bos=bos, seed=seed)
     _check(model, teacher, data, settings)
     params = _trainable(model, train)
     steps = max(tokens // (batch_size * length), 1)
@@ -163,13 +165,14 @@ def heal(model: nn.Module, teacher: nn.Module, data: torch.Tensor, tokens: int =
 
 
 def _check(model: nn.Module, teacher: nn.Module, data: torch.Tensor, settings: dict) -> None:
-    if not any(True for _ in iter_moe_layers(model)):
+    if settings["train"] == "moe" and not any(True for _ in iter_moe_layers(model)):
         raise HealingError(f"heal: {type(model).__name__} has no MoE layers. Pass the model moe_compile.convert "
                            "returned (or moe_compile.load reads), and its dense source as the teacher.")
     if settings["loss"] not in LOSSES:
         raise HealingError(f"heal: loss={settings['loss']!r} is not one of {', '.join(LOSSES)}.")
-    if settings["train"] not in ("moe", "all"):
-        raise HealingError(f"heal: train={settings['train']!r}: use 'moe' (the MoE layers) or 'all'.")
+    if isinstance(settings["train"], str) and settings["train"] not in ("moe", "all"):
+        raise HealingError(f"heal: train={settings['train']!r}: use 'moe' (the MoE layers), 'all', or a list of "
+                           "parameter-name prefixes.")
     if data.dim() != 1 or data.dtype.is_floating_point:
         raise HealingError(f"heal: data must be token ids [n] (an integer tensor), got {data.dtype} "
                            f"{list(data.shape)}. Tokenize the text and concatenate it.")
@@ -198,10 +201,14 @@ def _input_embeddings(model: nn.Module) -> Optional[torch.Tensor]:
     return module.weight.detach() if isinstance(getattr(module, "weight", None), torch.Tensor) else None
 
 
-def _trainable(model: nn.Module, train: str) -> dict[str, nn.Parameter]:
-    if train == "all":
-        return {name: p for name, p in model.named_parameters()}
-    return {f"{prefix}.{name}": p for prefix, layer in iter_moe_layers(model) for name, p in layer.named_parameters()}
+def _trainable(model: nn.Module, train: Union[str, list[str]]) -> dict[str, nn.Parameter]:
+    if train == "moe":
+        return {f"{prefix}.{name}": p for prefix, layer in iter_moe_layers(model)
+                for name, p in layer.named_parameters()}
+    chosen = {name: p for name, p in model.named_parameters() if train == "all" or name.startswith(tuple(train))}
+    if not chosen:
+        raise HealingError(f"heal: no parameter of {type(model).__name__} starts with any of {train}.")
+    return chosen
 
 
 class _only_trainable:

@@ -55,6 +55,17 @@ def test_sampled_positions_score_what_the_full_logits_score(hf_llama, data):
         assert float(_loss(moe, hf_llama, ids, scored, "logits")) == pytest.approx(float(full), rel=1e-5)
 
 
+def test_named_parameters_train_a_model_without_moe_layers(hf_gpt2, data):
+    student = copy.deepcopy(hf_gpt2)
+    noise = torch.randn(64 * 4, 64, generator=torch.Generator().manual_seed(0)) * 0.2
+    with torch.no_grad():  # a damaged FFN in the first block
+        student.transformer.h[0].mlp.c_proj.weight.add_(noise)
+    before = held_out_error(student, hf_gpt2, data)
+    heal(student, hf_gpt2, data, train=["transformer.h.0.mlp."], **SETTINGS)
+    assert held_out_error(student, hf_gpt2, data) < 0.6 * before
+    assert torch.equal(student.transformer.h[1].mlp.c_fc.weight, hf_gpt2.transformer.h[1].mlp.c_fc.weight)
+
+
 def test_logits_loss_heals_a_model_without_hidden_states(nanogpt, data):
     moe = mc.convert(nanogpt, SPLIT, progress=False)
     teacher_ppl = perplexity(nanogpt, data, length=16, max_windows=16)
@@ -95,6 +106,8 @@ def test_bad_input_is_named(hf_gpt2, hf_llama, data):
     moe = converted(hf_gpt2)
     with pytest.raises(HealingError, match="no MoE layers"):
         heal(copy.deepcopy(hf_gpt2), hf_gpt2, data, **SETTINGS)
+    with pytest.raises(HealingError, match="starts with any of"):
+        heal(copy.deepcopy(hf_gpt2), hf_gpt2, data, train=["no.such."], **SETTINGS)
     with pytest.raises(HealingError, match="token ids"):
         heal(moe, hf_gpt2, data.float(), **SETTINGS)
     with pytest.raises(HealingError, match="too few"):
