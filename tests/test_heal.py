@@ -41,6 +41,7 @@ def test_healing_brings_the_model_to_the_dense_one_and_trains_only_the_moe_layer
     assert report.steps == 12 and report.tokens == 12 * 4 * 16 and len(report.losses) == 12
     assert all(torch.equal(p, frozen[name]) for name, p in moe.named_parameters() if name in frozen)
     assert all(p.requires_grad for p in moe.parameters()) and not moe.training
+    assert mc.heal is heal and isinstance(report, mc.HealReport)
 
 
 def test_sampled_positions_score_what_the_full_logits_score(hf_llama, data):
