@@ -200,7 +200,7 @@ batches, always; healing trains its MLPs. Every ratio is against the dense model
     axis.axhline(1.0, color="gray", linestyle=":", label="dense")
     axis.set_xlabel("healing tokens")
     axis.set_ylabel("held-out prose perplexity / dense")
-    axis.set_title("Gemma 3 270M: healing split experts")
+    axis.set_title("Gemma 3 270M: healing split experts, and a pruned baseline")
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(PLOT, dpi=120)

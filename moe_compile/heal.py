@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +56,7 @@ class HealReport:
     tokens: int
     steps: int
     seconds: float
-    peak_memory_mb: float
+    peak_memory_mb: float  # of the whole process, so far
     settings: dict
     losses: list[tuple[int, float]] = field(default_factory=list)  # (tokens seen, training loss) of every step
     curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens seen, held-out perplexity)
@@ -157,11 +156,19 @@ def heal(model: nn.Module, teacher: nn.Module, data: torch.Tensor, tokens: int =
     if not report.curve or report.curve[-1][0] != report.tokens:
         evaluate()
     report.seconds = time.perf_counter() - start
-    report.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report.peak_memory_mb = _peak_memory_mb()
     if checkpoint is not None:
         _save(checkpoint, settings, params, optimizer, schedule, report)
-    model.eval()
     return report
+
+
+def _peak_memory_mb() -> float:
+    """The process's peak resident memory (0 where the platform does not say: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _check(model: nn.Module, teacher: nn.Module, data: torch.Tensor, settings: dict) -> None:
