@@ -135,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_eval)
 
     healing = commands.add_parser("heal", help="train a converted model to its dense source, end to end",
-                                  description="Train MODEL_DIR's MoE layers so that its block outputs (or logits) "
-                                              "match the dense model it was converted from (the --hf, --gguf, "
+                                  description="Train MODEL_DIR's MoE layers so that its output distribution (and block "
+                                              "outputs) match the dense model it was converted from (the --hf, --gguf, "
                                               "--checkpoint or --example source), on windows of --text; held-out "
                                               "perplexity before, during and after; saves the healed model to --out.")
     healing.add_argument("model_dir", metavar="MODEL_DIR", help="a converted model saved by moe-compile convert")
