@@ -272,6 +272,9 @@ def _outputs(model: nn.Module, ids: torch.Tensor, scored: torch.Tensor, logits: 
     if "logits_to_keep" in inspect.signature(model.forward).parameters:  # a transformers causal LM
         out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden, logits_to_keep=scored)
         return out.logits, out.hidden_states[1:] if hidden else None  # hidden_states[0], the embedding, is shared
+    if hidden:  # a transformers model without logits_to_keep (an encoder's masked-LM head): every position
+        out = model(input_ids=ids, output_hidden_states=True)
+        return out.logits[:, scored], out.hidden_states[1:]
     return named_outputs(model(ids))["logits"][:, scored], None
 
 
@@ -312,7 +315,7 @@ def _save(directory: Path, settings: dict, params: dict, optimizer: torch.optim.
     tensors = {f"param.{name}": p.detach().contiguous() for name, p in params.items()}
     for name, p in params.items():
         for key, value in optimizer.state.get(p, {}).items():
-            tensors[f"{key}.{name}"] = value.detach().contiguous().reshape(value.shape)
+            tensors[f"{key}.{name}"] = value.detach().contiguous()
     save_file(tensors, str(directory / CHECKPOINT_TENSORS))
     state = {"settings": settings, "schedule": schedule.state_dict(), "report": report.to_dict()}
     (directory / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1) + "\n")

@@ -67,6 +67,19 @@ def test_named_parameters_train_a_model_without_moe_layers(hf_gpt2, data):
     assert torch.equal(student.transformer.h[1].mlp.c_fc.weight, hf_gpt2.transformer.h[1].mlp.c_fc.weight)
 
 
+def test_an_encoder_heals_with_the_default_loss(data):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                     num_attention_heads=4, vocab_size=128)
+    dense = transformers.BertForMaskedLM(config).eval()
+    moe = converted(dense)
+    before = held_out_error(moe, dense, data, "logits+hidden")
+    report = heal(moe, dense, data, **SETTINGS)
+    assert report.settings["loss"] == "logits+hidden"
+    assert held_out_error(moe, dense, data, "logits+hidden") < 0.95 * before
+
+
 def test_logits_loss_heals_a_model_without_hidden_states(nanogpt, data):
     moe = mc.convert(nanogpt, SPLIT, progress=False)
     teacher_ppl = perplexity(nanogpt, data, length=16, max_windows=16)
