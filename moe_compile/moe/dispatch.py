@@ -85,41 +85,47 @@ def sort_by_expert(expert_ids: torch.Tensor, gates: torch.Tensor, num_experts: i
 def run_experts(flat: torch.Tensor, dispatch: Dispatch, expert: Callable[[int, torch.Tensor], torch.Tensor],
                 weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = sum over the computed rows r of token t of w_r expert(e_r, x_t) (w_r = 1 when not weighted), with
-    `expert(e, rows)` run once per expert on a gather of its contiguous rows; returns (y [T, d], computed rows
-    per token [T]).
+    `expert(e, rows)` run once per expert on its contiguous rows; returns (y [T, d], computed rows per token [T]).
 
-    One host sync reads the segment bounds the loop slices by; under torch.export they are data-dependent sizes,
-    so the exported graph keeps the same per-expert slices. Results are added back in place in eager PyTorch; an
-    ONNX graph has no in-place ops (each ScatterND copies its whole input), so there they are concatenated and
-    gathered back per choice (`combine_in_graph`), which measures faster in ONNX Runtime.
+    The computed rows are gathered once and split by the counts: one Gather and one Split for all experts, which
+    keeps the exported graph small where it runs on few tokens (a decode step). One host sync reads the counts;
+    under torch.export they are data-dependent sizes, so the exported graph keeps the same per-expert split.
+    Results are added back by one index_add in eager PyTorch; an ONNX graph has no in-place ops (each ScatterND
+    copies its whole input), so there they are gathered back per choice (`combine_in_graph`), which measures
+    faster in ONNX Runtime.
     """
-    starts, counts = torch.stack([dispatch.starts, dispatch.counts]).tolist()
-    # summed in at least fp32: a no-op for fp32 and fp64, more accurate for fp16/bf16
-    acc = torch.promote_types(flat.dtype, torch.float32)
-    exporting = torch.compiler.is_exporting()
-    y = None if exporting else flat.new_zeros(flat.shape, dtype=acc)
-    outputs = []
-    for e, (start, count) in enumerate(zip(starts, counts)):
-        torch._check(start >= 0)
+    counts = dispatch.counts.tolist()
+    token, weight = computed_rows(dispatch)
+    for count in counts:
         torch._check(count >= 0)
-        torch._check(start + count <= dispatch.token.shape[0])
-        token = dispatch.token[start:start + count]
-        out = expert(e, flat.index_select(0, token))
-        if weighted:
-            out = out * dispatch.weight[start:start + count].to(out.dtype).unsqueeze(1)
-        if exporting:
-            outputs.append(out)
-        else:
-            y.index_add_(0, token, out.to(acc))
-    computed = sum(counts)
-    if exporting:
-        y = combine_in_graph(torch.cat(outputs).to(acc), dispatch, flat.shape[0])
+    torch._check(token.shape[0] == sum(counts))
+    pieces = flat.index_select(0, token).split(counts)
+    out = torch.cat([expert(e, rows) for e, rows in enumerate(pieces)])
+    if weighted:
+        out = out * weight.to(out.dtype).unsqueeze(1)
+    # summed in at least fp32: a no-op for fp32 and fp64, more accurate for fp16/bf16
+    out = out.to(torch.promote_types(flat.dtype, torch.float32))
+    if torch.compiler.is_exporting():
+        y = combine_in_graph(out, dispatch, flat.shape[0])
+    else:
+        y = out.new_zeros(flat.shape[0], out.shape[1]).index_add_(0, token, out)
     if dispatch.choice_rows is not None:
-        rows_per_token = (dispatch.choice_rows < computed).sum(0)
+        rows_per_token = (dispatch.choice_rows < token.shape[0]).sum(0)
     else:  # expert choice: every row is computed (packed), a token may have any number of them
-        ones = torch.ones_like(dispatch.token)
-        rows_per_token = dispatch.token.new_zeros(flat.shape[0]).index_add(0, dispatch.token, ones)
+        rows_per_token = token.new_zeros(flat.shape[0]).index_add(0, token, torch.ones_like(token))
     return y.to(flat.dtype), rows_per_token
+
+
+def computed_rows(dispatch: Dispatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, weight) of the rows that are computed, in expert order: all of them when packed, else each
+    segment's first counts[e] rows (row r is kept iff starts[e] <= r < starts[e] + counts[e] for some e)."""
+    if dispatch.packed:
+        return dispatch.token, dispatch.weight
+    n = dispatch.token.shape[0]
+    ones = torch.ones_like(dispatch.starts)
+    edges = torch.zeros(n + 1, dtype=torch.long, device=ones.device).index_add(0, dispatch.starts, ones)
+    kept = edges.index_add(0, dispatch.starts + dispatch.counts, -ones).cumsum(0)[:n] > 0
+    return dispatch.token[kept], dispatch.weight[kept]
 
 
 def combine_in_graph(out: torch.Tensor, dispatch: Dispatch, tokens: int) -> torch.Tensor:
