@@ -87,28 +87,33 @@ def run_experts(flat: torch.Tensor, dispatch: Dispatch, expert: Callable[[int, t
     """y_t = sum over the computed rows r of token t of w_r expert(e_r, x_t) (w_r = 1 when not weighted), with
     `expert(e, rows)` run once per expert on its contiguous rows; returns (y [T, d], computed rows per token [T]).
 
-    The computed rows are gathered once and split by the counts: one Gather and one Split for all experts, which
-    keeps the exported graph small where it runs on few tokens (a decode step). One host sync reads the counts;
-    under torch.export they are data-dependent sizes, so the exported graph keeps the same per-expert split.
-    Results are added back by one index_add in eager PyTorch; an ONNX graph has no in-place ops (each ScatterND
-    copies its whole input), so there they are gathered back per choice (`combine_in_graph`), which measures
-    faster in ONNX Runtime.
+    The computed rows' tokens and gates are split by the counts (one Split each, no per-expert slice arithmetic,
+    which keeps the exported graph small where it runs on few tokens: a decode step). One host sync reads the
+    counts; under torch.export they are data-dependent sizes, so the exported graph keeps the same per-expert
+    split. Results are added back in place per expert in eager PyTorch; an ONNX graph has no in-place ops (each
+    ScatterND copies its whole input), so there they are concatenated and gathered back per choice
+    (`combine_in_graph`), which measures faster in ONNX Runtime.
     """
     counts = dispatch.counts.tolist()
     token, weight = computed_rows(dispatch)
     for count in counts:
         torch._check(count >= 0)
     torch._check(token.shape[0] == sum(counts))
-    pieces = flat.index_select(0, token).split(counts)
-    out = torch.cat([expert(e, rows) for e, rows in enumerate(pieces)])
-    if weighted:
-        out = out * weight.to(out.dtype).unsqueeze(1)
     # summed in at least fp32: a no-op for fp32 and fp64, more accurate for fp16/bf16
-    out = out.to(torch.promote_types(flat.dtype, torch.float32))
+    acc = torch.promote_types(flat.dtype, torch.float32)
+
+    def computed(e: int, rows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        out = expert(e, flat.index_select(0, rows))
+        return (out * gate.to(out.dtype).unsqueeze(1) if weighted else out).to(acc)
+
+    segments = list(zip(token.split(counts), weight.split(counts)))
     if torch.compiler.is_exporting():
-        y = combine_in_graph(out, dispatch, flat.shape[0])
+        y = combine_in_graph(torch.cat([computed(e, *segment) for e, segment in enumerate(segments)]), dispatch,
+                             flat.shape[0])
     else:
-        y = out.new_zeros(flat.shape[0], out.shape[1]).index_add_(0, token, out)
+        y = flat.new_zeros(flat.shape, dtype=acc)
+        for e, (rows, gate) in enumerate(segments):
+            y.index_add_(0, rows, computed(e, rows, gate))
     if dispatch.choice_rows is not None:
         rows_per_token = (dispatch.choice_rows < token.shape[0]).sum(0)
     else:  # expert choice: every row is computed (packed), a token may have any number of them
