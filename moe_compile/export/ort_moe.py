@@ -13,7 +13,9 @@ The op's top-k breaks ties its own way (the CPU kernel: the higher expert index;
 the experts are chosen outside it, by the router's own rule (`top_k`: the lower index), and input 1 holds the
 logits with every expert not chosen masked to -inf: the op then has exactly k finite logits to pick, and its gates
 are the renormalised ones, softmax over the k = p_i / s with s = sum of the chosen p. A layer whose gates are p
-itself (switch, token choice without normalize) multiplies the op's output by s.
+itself (switch, token choice without normalize) multiplies the op's output by s. An unweighted layer (split
+experts: y = sum of the k chosen FFN outputs) gives every chosen expert the logit 0: the op's gates are 1/k each,
+and the output is multiplied by k (exact when k is a power of two; otherwise within one rounding of 1/k).
 
 A shared output bias (split experts) is an Add after the node, and so is a shared expert's output (split
 experts with shared neurons), computed with standard ops beside it. `ort_unsupported_reason` says why a layer
@@ -49,9 +51,6 @@ def ort_unsupported_reason(layer: MoELayer) -> Optional[str]:
         return "erf GELU; com.microsoft.MoE's gelu is the tanh approximation (about 3e-4 away)"
     if not layer.gated and layer.activation not in _PLAIN_ACTIVATIONS:
         return f"activation {layer.activation!r} is not among com.microsoft.MoE's activation types"
-    k = layer.router.top_k
-    if layer.combine == "unweighted" and k > 1:
-        return f"unweighted combine with top_k={k}; com.microsoft.MoE always weights expert outputs by their gates"
     return None
 
 
@@ -84,8 +83,8 @@ class OrtMoE(nn.Module):
             raise ValueError(f"OrtMoE: {reason}")
         router = layer.router
         self.top_k = router.top_k
-        # gate = p (switch, token choice without normalize) or p / sum of the k gates; unweighted k = 1 is p / p = 1
-        self.normalize = router.normalize or layer.combine == "unweighted"
+        self.unweighted = layer.combine == "unweighted"
+        self.normalize = router.normalize  # gate = p / sum of the k chosen p; else p itself (switch, no normalize)
         self.activation = "swiglu" if layer.gated else _PLAIN_ACTIVATIONS[layer.activation]
         fc1_weight, fc1_bias = layer.up_weight, layer.up_bias
         if layer.gated:  # rows [gate_0, up_0, gate_1, up_1, ...]
@@ -110,7 +109,10 @@ class OrtMoE(nn.Module):
         probs = torch.softmax(logits.float(), dim=-1)
         chosen = top_k(probs, self.top_k)
         is_chosen = (chosen.unsqueeze(-1) == torch.arange(logits.shape[-1], device=x.device)).any(1)  # [T, E]
-        masked = logits.masked_fill(~is_chosen, float("-inf"))
+        if self.unweighted:  # every chosen expert the same logit: the op's gates are 1/k
+            masked = torch.zeros_like(logits).masked_fill(~is_chosen, float("-inf"))
+        else:
+            masked = logits.masked_fill(~is_chosen, float("-inf"))
         attrs = {"k": self.top_k, "normalize_routing_weights": 1, "activation_type": self.activation}
         if self.activation == "swiglu":
             attrs.update(swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
@@ -118,7 +120,9 @@ class OrtMoE(nn.Module):
             "com.microsoft::MoE",
             (flat, masked, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias),
             attrs, dtype=x.dtype, shape=flat.shape, version=1)
-        if not self.normalize:
+        if self.unweighted:
+            y = y * self.top_k
+        elif not self.normalize:
             y = y * probs.gather(1, chosen).sum(1, keepdim=True).to(y.dtype)
         if self.output_bias is not None:
             y = y + self.output_bias

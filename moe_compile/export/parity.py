@@ -12,6 +12,11 @@ an absolute bound for outputs of magnitude up to 1, relative to the output's sca
 the values: a correct export of a real 270M model differs by 4e-4 on logits up to 178, 2e-6 of their scale, where a
 wrong routing decision moves logits by a sizeable share of it).
 
+Routing agreement (ONNX files): every routing selection (each router's `top_k`, in call order: a token's k experts,
+or an expert's C tokens of a group) is read from the graph too, as extra outputs of the session, and compared with
+eager's as sets: the share of chosen entries that eager chose as well. It is reported, not judged: a near tie one
+rounding apart may flip and still leave the logits within the bound; a tie broken differently shows up here first.
+
 A directory written by export(task="text-generation") is checked as a generator (`check_generation`): the prompt
 and every decode step through the KV cache against eager PyTorch, teacher-forced on eager's greedy tokens.
 """
@@ -23,10 +28,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
 
 from ..model_io import Inputs, ModelCall, as_model_inputs
+from ..moe.routers import Router
 from ..table import format_table
 from .tensorrt import is_engine, run_engine
 
@@ -63,27 +70,50 @@ class OutputParity:
 
 
 @dataclass
+class RoutingAgreement:
+    """Routing choices of the runtime against eager's, over every selection (one per MoE layer call)."""
+
+    selections: int  # top_k selections compared
+    choices: int  # chosen entries compared (token choice: T k per layer; expert choice: G E C)
+    agreed: int  # of them, chosen by eager as well
+
+    @property
+    def share(self) -> float:
+        return self.agreed / self.choices if self.choices else 1.0
+
+
+@dataclass
 class ParityReport:
     onnx_path: str
     dtype: str
     outputs: list[OutputParity] = field(default_factory=list)
     runtime: str = "ONNX Runtime (CPU)"
+    routing: Optional[RoutingAgreement] = None  # None: no MoE layer, or the selections could not be read (note)
+    routing_note: str = ""
 
     @property
     def passed(self) -> bool:
         return all(o.passed for o in self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
+        routing = None if self.routing is None else dict(asdict(self.routing), share=self.routing.share)
         return {"onnx_path": self.onnx_path, "runtime": self.runtime, "dtype": self.dtype, "passed": self.passed,
-                "outputs": [dict(asdict(o), passed=o.passed) for o in self.outputs]}
+                "outputs": [dict(asdict(o), passed=o.passed) for o in self.outputs],
+                "routing_agreement": routing, "routing_note": self.routing_note}
 
     def table(self) -> str:
         rows = [("output", "shape", "max abs", "max rel", "cosine", "top-1", "bound", "result")]
         rows += [(o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.cosine:.8f}",
                   "-" if o.top1 is None else f"{o.top1:.2%}", f"{o.bound:.3g}", "PASS" if o.passed else "FAIL")
                  for o in self.outputs]
-        return format_table(rows, f"parity: {self.onnx_path} in {self.runtime} vs eager PyTorch, "
-                                  f"dtype={self.dtype}")
+        text = format_table(rows, f"parity: {self.onnx_path} in {self.runtime} vs eager PyTorch, dtype={self.dtype}")
+        if self.routing is not None:
+            r = self.routing
+            text += (f"\nrouting: {r.agreed} of {r.choices} routing choices ({r.share:.2%}, {r.selections} selections) "
+                     "agree with eager")
+        elif self.routing_note:
+            text += f"\nrouting: {self.routing_note}"
+        return text
 
     def __str__(self) -> str:
         return self.table()
@@ -103,12 +133,15 @@ def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: I
     if not os.path.isfile(onnx_path):
         raise FileNotFoundError(f"check_parity: no ONNX file at {os.fspath(onnx_path)!r}. Write one with "
                                 "moe_compile.export(model, example_inputs, path).")
+    graph_choices, note = None, "not read from a TensorRT engine"
     if is_engine(onnx_path):
         engine_outputs = run_engine(onnx_path, inputs.tensors())
         runtime, file_dtype = "TensorRT", next(iter(engine_outputs.values())).dtype
         outputs = {name: value.float().cpu().numpy() for name, value in engine_outputs.items()}
     else:
-        runtime, (outputs, file_dtype) = "ONNX Runtime (CPU)", _run_onnxruntime(onnx_path, inputs.tensors())
+        runtime = "ONNX Runtime (CPU)"
+        outputs, graph_choices, file_dtype = _run_onnxruntime(onnx_path, inputs.tensors())
+        note = "" if graph_choices else "no MoE layer in the file"
     dtype = dtype or file_dtype
     if tolerance is None:
         if dtype not in TOLERANCES:
@@ -116,12 +149,21 @@ def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: I
         tolerance = TOLERANCES[dtype]
 
     was_training = model.training
+    eager_choices = []
+    hooks = [m.register_forward_hook(lambda module, args, out: eager_choices.append(out.dispatch.choices))
+             for m in model.modules() if isinstance(m, Router)]
     try:
         reference = ModelCall(model.eval()).named(inputs)
     finally:
         model.train(was_training)
+        for hook in hooks:
+            hook.remove()
 
     report = ParityReport(onnx_path=os.fspath(onnx_path), dtype=str(dtype).removeprefix("torch."), runtime=runtime)
+    if graph_choices:
+        report.routing, report.routing_note = routing_agreement(graph_choices, eager_choices)
+    else:
+        report.routing_note = note
     missing = [name for name in outputs if name not in reference]
     if missing:
         raise ValueError(f"check_parity: the outputs {missing} of {os.fspath(onnx_path)!r} are not outputs of "
@@ -131,21 +173,58 @@ def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: I
     return report
 
 
-def _run_onnxruntime(onnx_path, inputs: list[torch.Tensor]) -> tuple[dict[str, np.ndarray], torch.dtype]:
-    """({name: value} of every output of the ONNX file, the first output's dtype) in ONNX Runtime."""
+def _run_onnxruntime(onnx_path, inputs: list[torch.Tensor]) -> tuple[dict[str, np.ndarray], list[np.ndarray],
+                                                                       torch.dtype]:
+    """({name: value} of every output of the ONNX file, the routing selections of the graph in graph order, the
+    first output's dtype) in ONNX Runtime: one session of the file with the selections as extra outputs."""
     try:
         import onnxruntime as ort
     except ImportError as error:
         raise ImportError("check_parity needs ONNX Runtime: pip install 'moe-compile[ort]'.") from error
-    session = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
+    model = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    selections = routing_selections(model)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None)
+                              for name in selections)
+    source = model.SerializeToString()
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if external:  # the copy lies beside the file, where the weights' relative paths resolve
+        source = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), f".parity-{os.getpid()}.onnx")
+        onnx.save(model, source)
+    try:
+        session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    finally:
+        if external:
+            os.remove(source)
     session_inputs = session.get_inputs()
     if len(session_inputs) != len(inputs):
         raise ValueError(f"check_parity: {onnx_path} takes {len(session_inputs)} inputs "
                          f"({', '.join(i.name for i in session_inputs)}), got {len(inputs)}.")
     values = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, inputs)})
-    outputs = session.get_outputs()
-    return ({o.name: np.asarray(v) for o, v in zip(outputs, values)},
+    outputs = session.get_outputs()[:len(values) - len(selections)]
+    return ({o.name: np.asarray(v) for o, v in zip(outputs, values)}, values[len(outputs):],
             _ORT_TYPES.get(outputs[0].type, torch.float32))
+
+
+def routing_selections(model: onnx.ModelProto) -> list[str]:
+    """The values that hold the graph's routing selections, in graph order: the indices of each `top_k`'s final
+    TopK (the only torch.topk with largest=False: the sort of its tie-free keys, see routers/base.py)."""
+    found = []
+    for node in model.graph.node:
+        largest = next((a.i for a in node.attribute if a.name == "largest"), 1)
+        source = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), "")
+        if node.op_type == "TopK" and largest == 0 and "aten.topk" in source:
+            found.append(node.output[1])
+    return found
+
+
+def routing_agreement(graph: list[np.ndarray], eager: list[torch.Tensor]) -> tuple[Optional[RoutingAgreement], str]:
+    """Selections compared in call order, each as a set along its last axis; (None, why) when they do not pair."""
+    shapes = [tuple(g.shape) for g in graph], [tuple(e.shape) for e in eager]
+    if shapes[0] != shapes[1]:
+        return None, (f"not compared: the graph makes {len(graph)} routing selections of shapes {shapes[0][:4]}, "
+                      f"eager {len(eager)} of shapes {shapes[1][:4]}")
+    agreed = sum(int((g[..., :, None] == e.cpu().numpy()[..., None, :]).any(-1).sum()) for g, e in zip(graph, eager))
+    return RoutingAgreement(len(graph), sum(g.size for g in graph), agreed), ""
 
 
 def compare(name: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> OutputParity:

@@ -39,6 +39,8 @@ class Dispatch:
     packed: bool = True  # every row is computed: no capacity cut a segment short
     choice_rows: Optional[torch.Tensor] = None  # [k, T] token choice: each choice's index among the computed
     #                                             rows (in expert order), sum(counts) for a dropped choice
+    choices: Optional[torch.Tensor] = None  # the selection as `top_k` made it, before any capacity: token choice
+    #                                         [T, k] expert ids, expert choice [G, E, C] token ids in their group
 
     @property
     def reaches_every_token(self) -> bool:
@@ -79,7 +81,7 @@ def sort_by_expert(expert_ids: torch.Tensor, gates: torch.Tensor, num_experts: i
     choice_token = torch.arange(tokens, device=expert_ids.device).repeat(k)
     return Dispatch(token=choice_token[order], weight=gates.t().reshape(-1)[order], starts=starts, counts=kept,
                     expert_fraction=counts.float() / torch.sym_max(n, 1), packed=capacity is None,
-                    choice_rows=choice_rows)
+                    choice_rows=choice_rows, choices=expert_ids)
 
 
 def run_experts(flat: torch.Tensor, dispatch: Dispatch, expert: Callable[[int, torch.Tensor], torch.Tensor],

@@ -4,7 +4,8 @@ Two ways real inputs tie: repeated token ids in a family whose first FFN sees th
 residual: GPT-NeoX, Phi, GPT-J give equal router scores to equal ids), and a router that cannot tell experts apart
 (all-equal logits). Before the tie rule was written into the graph, expert choice on GPT-NeoX with repeated ids
 differed from eager by 0.31 in the logits (portable), and the `ort` target's com.microsoft.MoE, which breaks ties
-to the higher expert index, by 0.055 on all-equal logits.
+to the higher expert index, by 0.055 on all-equal logits. Every case also checks check_parity's routing
+agreement: each routing choice the graph makes is the one eager makes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ PARALLEL_RESIDUAL = {
 ROUTINGS = {  # name -> (MoEConfig fields, targets that lower it natively)
     "expert_choice": (dict(routing="expert_choice", top_k=1), ["portable"]),
     "token_choice": (dict(routing="token_choice", top_k=2, combine="weighted"), ["portable", "ort"]),
+    "token_choice_unweighted": (dict(routing="token_choice", top_k=2), ["portable", "ort"]),  # the split default
     "token_choice_capacity": (dict(routing="token_choice", top_k=2, capacity_factor=0.75, normalize=False),
                               ["portable"]),
     "switch": (dict(routing="switch", capacity_factor=1.0), ["portable"]),
@@ -55,6 +57,8 @@ def _export_error(model, example, inputs, target: str, tmp_path) -> float:
     report = moe_compile.export(model, example, path, target=target, fallback=False)
     assert {layer.lowering for layer in report.layers} == {"com.microsoft.MoE" if target == "ort" else "portable"}
     parity = moe_compile.check_parity(model, path, inputs)
+    assert parity.routing.selections == len(list(iter_moe_layers(model)))
+    assert parity.routing.share == 1.0, parity.table()
     return max(out.max_abs for out in parity.outputs)
 
 
@@ -96,3 +100,28 @@ def test_all_equal_router_logits_tensorrt_lowering_in_eager(routing):
     x = features((3, 13), seed=1)
     with torch.no_grad():
         assert (TensorRTMoE(layer)(x) - layer(x)).abs().max() <= 1e-6
+
+
+def test_routing_agreement_sees_a_tie_broken_the_other_way(tmp_path, monkeypatch):
+    """A graph whose tie rule lets the higher index win, on identical experts: the logits cannot tell, the report's
+    routing agreement does."""
+    from moe_compile.moe.routers import token_choice
+
+    def higher_index_wins(scores, k, ordered=True):  # top_k with the tie-breaking key reversed
+        n = scores.shape[-1]
+        rank = (scores.topk(k, dim=-1).values.unsqueeze(-2) > scores.unsqueeze(-1)).sum(-1)
+        key = rank.float() * n + torch.arange(n - 1, -1, -1, dtype=torch.float32)
+        return key.topk(k, dim=-1, largest=False).indices
+
+    model = _all_equal_router(one_layer_moe(routing="token_choice", top_k=2))
+    (_, layer), = iter_moe_layers(model)
+    with torch.no_grad():
+        for weight in (layer.up_weight, layer.up_bias, layer.down_weight, layer.down_bias):
+            weight.copy_(weight[:1].expand_as(weight))
+    with monkeypatch.context() as patch:
+        patch.setattr(token_choice, "top_k", higher_index_wins)
+        moe_compile.export(model, (features((2, 8)),), tmp_path / "m.onnx")
+    parity = moe_compile.check_parity(model, tmp_path / "m.onnx", (features((3, 13), seed=1),))
+    assert parity.passed
+    assert parity.routing.choices == 3 * 13 * 2 and parity.routing.agreed == 0  # {3, 2} chosen, eager {0, 1}
+    assert "0 of 78 routing choices" in parity.table()

@@ -42,4 +42,5 @@ class ExpertChoiceRouter(Router):
         return Dispatch(token=(picked + offsets).transpose(0, 1).reshape(-1),
                         weight=gates.transpose(0, 1).reshape(-1),
                         starts=torch.arange(num_experts, device=probs.device) * rows_per_expert, counts=counts,
-                        expert_fraction=torch.full((num_experts,), 1.0 / num_experts, device=probs.device))
+                        expert_fraction=torch.full((num_experts,), 1.0 / num_experts, device=probs.device),
+                        choices=picked)
