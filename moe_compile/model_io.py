@@ -82,13 +82,16 @@ def as_model_inputs(inputs: Inputs, where: str) -> ModelInputs:
 
 
 def default_inputs(model: nn.Module) -> Optional[ModelInputs]:
-    """The example a transformers model brings (`dummy_inputs`: token ids and, for encoder-decoders, decoder ids),
-    or None for other models."""
+    """The example a transformers model brings (`dummy_inputs`: token ids and, for encoder-decoders, decoder ids,
+    the encoder's ids where the model brings none), or None for other models."""
     dummy = getattr(model, "dummy_inputs", None) if hasattr(type(model), "dummy_inputs") else None
     if not isinstance(dummy, dict):
         return None
     tensors = {k: v for k, v in dummy.items() if isinstance(v, torch.Tensor)}
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and "input_ids" in tensors:  # Pegasus, M2M100: no decoder ids
+        tensors.setdefault("decoder_input_ids", tensors["input_ids"])
+    vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int):  # dummy ids go up to ~12; a tiny vocabulary may be smaller
         tensors = {k: v % vocab if k.endswith("input_ids") else v for k, v in tensors.items()}
     return ModelInputs(kwargs=tensors) if tensors else None

@@ -29,4 +29,23 @@ def test_shrink_finds_each_familys_own_names(model_type, fields):
 def test_one_architecture_runs_through_the_check():
     row = hf_coverage.run_one("causal-lm", "gpt_neox", "GPTNeoXForCausalLM")
     assert row["status"] == "converted" and row["sites"] == 2, row
-    assert all(error <= hf_coverage.TOLERANCE for error in row["max_error"].values())
+    assert all(error <= hf_coverage.TOLERANCE for error in row["max_scaled_error"].values())
+
+
+def test_unset_head_sizes_get_tiny_ones():
+    """Ministral reads config.head_dim and Nemotron config.num_key_value_heads with no default of their own."""
+    assert hf_coverage.shrink(transformers.AutoConfig.for_model("ministral")).head_dim == hf_coverage.TINY["head_dim"]
+    assert hf_coverage.shrink(transformers.AutoConfig.for_model("nemotron")).num_key_value_heads == \
+        hf_coverage.TINY["kv_heads"]
+
+
+@pytest.mark.parametrize("model_type, moe", [("mixtral", True), ("switch_transformers", True), ("llama", False),
+                                                 ("doge", False)])
+def test_moe_models_are_known_by_their_config(model_type, moe):
+    assert hf_coverage.is_moe_config(transformers.AutoConfig.for_model(model_type)) is moe
+
+
+def test_an_encoder_decoder_without_decoder_ids_gets_the_encoders():
+    """Pegasus' dummy inputs hold no decoder ids, and its decoder refuses to run without them."""
+    row = hf_coverage.run_one("seq2seq", "pegasus", "PegasusForConditionalGeneration")
+    assert row["status"] == "converted", row
