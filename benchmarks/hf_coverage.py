@@ -123,7 +123,7 @@ def own_config(model_class, config):
 
 
 def is_moe_config(config) -> bool:
-    """The config (or a sub-config) sets a number of experts (num_experts, n_routed_experts, num_local_experts, ...)
+    """The config (or a sub-config) sets a number of experts (num_experts, n_routed_experts, num_local_experts, moe_num_experts, ...)
     and no is_moe / use_moe flag turns them off (Doge: dense unless is_moe)."""
     from transformers import PreTrainedConfig
 
@@ -132,7 +132,7 @@ def is_moe_config(config) -> bool:
     for name, value in vars(config).items():
         if isinstance(value, PreTrainedConfig) and value is not config and is_moe_config(value):
             return True
-        if re.search(r"^(num|n)_(routed_|local_)?experts$", name) and isinstance(value, int) and value > 1:
+        if re.search(r"^(moe_)?(num|n)_(routed_|local_)?experts$", name) and isinstance(value, int) and value > 1:
             return True
     return False
 

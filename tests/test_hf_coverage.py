@@ -40,7 +40,7 @@ def test_unset_head_sizes_get_tiny_ones():
 
 
 @pytest.mark.parametrize("model_type, moe", [("mixtral", True), ("switch_transformers", True), ("llama", False),
-                                                 ("doge", False)])
+                                                 ("doge", False), ("dbrx", True)])
 def test_moe_models_are_known_by_their_config(model_type, moe):
     assert hf_coverage.is_moe_config(transformers.AutoConfig.for_model(model_type)) is moe
 
