@@ -123,8 +123,8 @@ def own_config(model_class, config):
 
 
 def is_moe_config(config) -> bool:
-    """The config (or a sub-config) sets a number of experts (num_experts, n_routed_experts, num_local_experts, moe_num_experts, ...)
-    and no is_moe / use_moe flag turns them off (Doge: dense unless is_moe)."""
+    """The config (or a sub-config) sets a number of experts (num_experts, n_routed_experts, num_local_experts,
+    moe_num_experts, ...) and no is_moe / use_moe flag turns them off (Doge: dense unless is_moe)."""
     from transformers import PreTrainedConfig
 
     if any(re.search(r"^(is|use)_moe$", name) and value is False for name, value in vars(config).items()):

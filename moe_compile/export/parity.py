@@ -185,11 +185,12 @@ def _run_onnxruntime(onnx_path, inputs: list[torch.Tensor]) -> tuple[dict[str, n
     selections = routing_selections(model)
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None)
                               for name in selections)
-    source = model.SerializeToString()
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     if external:  # the copy lies beside the file, where the weights' relative paths resolve
         source = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), f".parity-{os.getpid()}.onnx")
         onnx.save(model, source)
+    else:
+        source = model.SerializeToString()
     try:
         session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     finally:

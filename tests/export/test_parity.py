@@ -15,14 +15,14 @@ from .conftest import CHECK_SHAPES, MODELS, token_ids
 ROUTINGS = ("token_choice", "switch", "expert_choice")
 
 # whole models through the ort target: com.microsoft.MoE for GPT-2 (gelu_tanh) and LLaMA (SwiGLU), switch made
-# dropless by capacity_factor * k >= E, split experts with a shared output bias; nanoGPT (erf GELU) falls back.
-# The op's other attributes (relu, silu, normalize off, unweighted k=1) are checked layer by layer in
-# test_ort_lowering.py.
+# dropless by capacity_factor * k >= E, split experts (unweighted) with a shared output bias; nanoGPT (erf GELU)
+# falls back. The op's other attributes (relu, silu, normalize off, unweighted k = 1 and 3) are checked layer by
+# layer in test_ort_lowering.py.
 ORT_CASES = [
     ("hf-gpt2", {"routing": "token_choice"}),
     ("hf-llama", {"routing": "token_choice"}),
     ("hf-llama", {"routing": "switch", "capacity_factor": 4.0}),
-    ("hf-gpt2", {"routing": "token_choice", "experts": "split", "combine": "weighted"}),
+    ("hf-gpt2", {"routing": "token_choice", "experts": "split"}),
     ("nanogpt", {"routing": "token_choice"}),
 ]
 
@@ -94,3 +94,29 @@ def test_bound_is_absolute_up_to_1_and_relative_beyond():
     small = np.linspace(-0.5, 0.5, 1000)
     assert compare("logits", small + 9e-5, small, tolerance).passed
     assert not compare("logits", small + 2e-4, small, tolerance).passed
+
+
+def test_routing_agreement_of_a_file_with_external_weights(tmp_path):
+    """The selections are read from a copy of the graph beside the file (where its weights' paths resolve), which
+    is removed afterwards."""
+    import onnx
+
+    from .conftest import features, one_layer_moe
+
+    model = one_layer_moe()
+    moe_compile.export(model, (features((2, 8)),), tmp_path / "m.onnx")
+    folder = tmp_path / "external"
+    folder.mkdir()
+    onnx.save(onnx.load(tmp_path / "m.onnx"), folder / "m.onnx", save_as_external_data=True, location="m.onnx.data")
+    report = moe_compile.check_parity(model, folder / "m.onnx", (features((3, 13), seed=1),))
+    assert report.passed and report.routing.share == 1.0 and report.routing.choices == 3 * 13 * 2
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_a_dense_file_has_no_routing_to_compare(tmp_path):
+    from .conftest import OneFFN, features
+
+    dense = OneFFN("gelu_tanh", False, True).eval()
+    moe_compile.export(dense, (features((2, 8)),), tmp_path / "d.onnx")
+    report = moe_compile.check_parity(dense, tmp_path / "d.onnx", (features((3, 13), seed=1),))
+    assert report.routing is None and "no MoE layer" in report.table()
