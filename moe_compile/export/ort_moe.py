@@ -109,10 +109,8 @@ class OrtMoE(nn.Module):
         probs = torch.softmax(logits.float(), dim=-1)
         chosen = top_k(probs, self.top_k)
         is_chosen = (chosen.unsqueeze(-1) == torch.arange(logits.shape[-1], device=x.device)).any(1)  # [T, E]
-        if self.unweighted:  # every chosen expert the same logit: the op's gates are 1/k
-            masked = torch.zeros_like(logits).masked_fill(~is_chosen, float("-inf"))
-        else:
-            masked = logits.masked_fill(~is_chosen, float("-inf"))
+        scores = torch.zeros_like(logits) if self.unweighted else logits  # unweighted: equal logits, gates 1/k
+        masked = scores.masked_fill(~is_chosen, float("-inf"))
         attrs = {"k": self.top_k, "normalize_routing_weights": 1, "activation_type": self.activation}
         if self.activation == "swiglu":
             attrs.update(swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
