@@ -1,13 +1,15 @@
 """Save and load converted models: safetensors weights plus a JSON recipe that says how to rebuild them.
 
     directory/model.safetensors   the converted model's state dict (tied weights stored once)
-    directory/moe_recipe.json     format version, source architecture, MoEConfig, converted sites, dtype
+    directory/moe_recipe.json     format version, source architecture, MoEConfig and per-site settings, converted
+                                  sites, dtype
     directory/tokenizer.json ...  the source directory's tokenizer and generation files, when it had them
 
 `load` rebuilds the dense source model (a `transformers` class from its config, the embedded example from its
 name and GPTConfig, or the fresh dense instance a caller passes for their own class), re-applies `convert`
-with the recorded MoEConfig (only the layout: calibrated parts need no data, their weights are loaded), checks
-that it finds the recorded sites, then loads the weights strictly. No pickle is read or written.
+with the recorded MoEConfig and per-site settings (only the layout: calibrated parts need no data, their
+weights are loaded), checks that it finds the recorded sites, then loads the weights strictly. No pickle is
+read or written.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def save(model: nn.Module, directory: PathLike) -> Path:
         "format_version": FORMAT_VERSION,
         "source": _describe_source(model),
         "moe_config": report.config.to_dict(),
+        "layer_configs": {name: c and c.to_dict() for name, c in report.layer_configs.items()},
         "sites": _site_list(report),
         "dtype": str(_dtype(model)).removeprefix("torch."),
         "example_inputs": report.example_inputs,  # convert's torch.export search inputs (shapes, dtypes), or None
@@ -75,8 +78,8 @@ def load(directory: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     dense = model if model is not None else _rebuild_source(recipe["source"])
     dense.to(getattr(torch, recipe["dtype"]))
     try:
-        converted = convert(dense, MoEConfig.from_dict(recipe["moe_config"]), inplace=True,
-                            example_inputs=_example_inputs(recipe), weights_follow=True)
+        converted = convert(dense, MoEConfig.from_dict(recipe["moe_config"]), layer_configs=_layer_configs(recipe),
+                            inplace=True, example_inputs=_example_inputs(recipe), weights_follow=True)
     except ValueError as error:  # no FFN at all, or an FFN width the recorded config cannot split
         raise RecipeError(f"load: cannot re-apply the recorded conversion to {type(dense).__name__}: "
                           f"{str(error).splitlines()[0]} {_SAME_ARCHITECTURE}") from None
@@ -118,9 +121,15 @@ def read_recipe(directory: PathLike) -> dict[str, Any]:
         raise RecipeError(f"load: {path} names an unknown dtype {recipe['dtype']!r}. Save the model again.")
     try:
         MoEConfig.from_dict(recipe["moe_config"])
-    except (TypeError, ValueError) as error:
+        _layer_configs(recipe)
+    except (TypeError, ValueError, AttributeError) as error:
         raise RecipeError(f"load: {path} holds an invalid MoEConfig ({error}). Save the model again.") from None
     return recipe
+
+
+def _layer_configs(recipe: dict[str, Any]) -> dict[str, Optional[MoEConfig]]:
+    """The recorded per-site settings (recipes written before them have none)."""
+    return {name: c and MoEConfig.from_dict(c) for name, c in recipe.get("layer_configs", {}).items()}
 
 
 def _example_inputs(recipe: dict[str, Any]) -> Optional[ModelInputs]:

@@ -78,12 +78,17 @@ class ModelStats:
         return self.table()
 
 
-def site_stats(site: SiteReport, config: MoEConfig) -> SiteStats:
-    """Counts for one FFN site converted with `config`."""
-    d, f, experts = site.d_model, site.d_ff, config.num_experts
+def site_stats(site: SiteReport, config: Optional[MoEConfig]) -> SiteStats:
+    """Counts for one FFN site converted with `config` (None: kept dense)."""
+    d, f = site.d_model, site.d_ff
     projections = 3 if site.gated else 2
     in_bias = (2 if site.gated else 1) if site.bias else 0  # bias vectors of width d_ff (up, and gate)
     out_bias = d if site.bias else 0
+    dense_params, dense_flops = projections * d * f + in_bias * f + out_bias, 2 * projections * d * f
+    if config is None:
+        return SiteStats(name=site.name, d_model=d, d_ff=f, gated=site.gated, dense_params=dense_params,
+                         moe_params=dense_params, dense_flops=dense_flops, moe_flops=dense_flops, active_fraction=1.0)
+    experts = config.num_experts
     routed = experts - config.shared_experts
     if config.experts == "upcycle":
         width, expert_out_bias, shared_out_bias = f, experts * out_bias, 0
@@ -97,10 +102,10 @@ def site_stats(site: SiteReport, config: MoEConfig) -> SiteStats:
     expert_flops = 2 * projections * d * width
     return SiteStats(
         name=site.name, d_model=d, d_ff=f, gated=site.gated,
-        dense_params=projections * d * f + in_bias * f + out_bias,
+        dense_params=dense_params,
         moe_params=(experts * (projections * d * width + in_bias * width) + expert_out_bias + shared_out_bias
                     + d * routed),
-        dense_flops=2 * projections * d * f,
+        dense_flops=dense_flops,
         moe_flops=2 * d * routed + k_avg * expert_flops,
         active_fraction=k_avg * width / f,
     )
@@ -117,13 +122,14 @@ def model_stats(model: nn.Module, config: Optional[MoEConfig] = None,
     report = getattr(model, "moe_report", None)
     converted = report is not None
     if converted:
-        config, sites = report.config, report.converted
+        stats = [site_stats(site, report.config_of(site.name)) for site in report.sites
+                 if site.action in ("converted", "kept dense")]
     else:
         config = config if config is not None else MoEConfig()
         sites = [s for s in find_ffn_blocks(model, example_inputs).sites if s.action == "found"]
         for site in sites:
             config.check_ffn_width(site.d_ff, site.name)
-    stats = [site_stats(site, config) for site in sites]
+        stats = [site_stats(site, config) for site in sites]
     dense_ffn, moe_ffn = sum(s.dense_params for s in stats), sum(s.moe_params for s in stats)
     total = sum(p.numel() for p in model.parameters())
     other = total - (moe_ffn if converted else dense_ffn)

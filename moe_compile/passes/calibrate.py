@@ -109,14 +109,15 @@ class _Recorded(Exception):
     """Raised by a hook to stop a forward pass once the layer of interest has seen its input."""
 
 
-def distill(model: nn.Module, sites: list[tuple[str, MoELayer, DenseFFN]], batches: list[Any], steps: int,
-            cap: int, seed: int, progress: bool = True) -> dict[str, dict[str, float]]:
-    """Fit each MoE layer, first to last, to its dense FFN on that layer's inputs in the converted model.
+def distill(model: nn.Module, sites: list[tuple[str, MoELayer, DenseFFN, int]], batches: list[Any], cap: int,
+            seed: int, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Fit each MoE layer, first to last, to its dense FFN on that layer's inputs in the converted model, for
+    the site's number of optimiser steps.
 
     Layer l's inputs are recorded after layers < l were fitted (not teacher-forced); each forward stops at l.
     """
     results = {}
-    for i, (name, layer, ffn) in enumerate(tqdm(sites, desc="distilling", unit="layer", disable=not progress)):
+    for i, (name, layer, ffn, steps) in enumerate(tqdm(sites, desc="distilling", unit="layer", disable=not progress)):
         sample = InputSample(cap, torch.Generator().manual_seed(seed + i))
 
         def record(_module, args, sample=sample):

@@ -21,7 +21,7 @@ import dataclasses
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch.fx as fx
 import torch.nn as nn
@@ -171,11 +171,14 @@ def find_ffn_blocks(model: nn.Module, example_inputs: Optional[Inputs] = None) -
     return ConversionReport(sites=[s.report for s in sites], notes=notes)
 
 
-def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inputs: Optional[Inputs] = None,
+def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
+            layer_configs: Optional[Mapping[str, Optional[MoEConfig]]] = None, example_inputs: Optional[Inputs] = None,
             calibration_data: Optional[Iterable[Any]] = None, inplace: bool = False, progress: Optional[bool] = None,
             weights_follow: bool = False) -> nn.Module:
     """A copy of `model` (or `model` itself with inplace=True) whose dense FFNs are MoE layers.
 
+    layer_configs: per-site settings by site name (as find_ffn_blocks reports them): a MoEConfig that site gets
+    instead of `config`, or None to keep it dense (moe_compile.optimize writes such plans).
     example_inputs (e.g. token ids [batch, seq], or a dict of keyword inputs): one forward on them records how
     the blocks torch.fx cannot trace are called, so that their FFNs are found and rewritten with torch.export;
     only their shapes and dtypes matter. A transformers model brings its own (`dummy_inputs`). calibration_data:
@@ -197,37 +200,51 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
         raise MoECompileError(f"convert: {type(model).__name__} is already converted ({len(already)} MoE layers: "
                               f"{', '.join(already[:3])}{', ...' if len(already) > 3 else ''}). Train or export it "
                               "as it is, or convert the dense model it came from.")
+    layer_configs = _checked_layer_configs(layer_configs)
     given = None if example_inputs is None else as_model_inputs(example_inputs, "convert(example_inputs=...)")
     batches = None if calibration_data is None else list(calibration_data)
-    if batches is not None or not weights_follow:
-        config.check_calibration(has_data=batches is not None)
-    if batches is not None:
-        config = config.with_calibration()
     target = model if inplace else copy.deepcopy(model)
     sites, notes = _scan(target, _search_inputs(target, given), given=given is not None)
-    todo = [s for s in sites if s.report.action == "found"]
+    found = [s for s in sites if s.report.action == "found"]
+    _keep_dense(found, layer_configs)
+    todo = [s for s in found if s.report.action == "found"]
     if not todo:
         report = ConversionReport(sites=[s.report for s in sites], notes=notes, config=config)
+        if found:
+            raise MoECompileError(f"convert: layer_configs keeps every FFN site of {type(model).__name__} dense, so "
+                                  "there is nothing to convert. Give at least one site a MoEConfig.")
         raise NoFFNFoundError(f"convert: found no dense FFN to convert in {type(model).__name__}. Searched for "
                               f"{SEARCHED_FOR}.\n{report.table()}\nIf the FFN is inside a module that does not "
                               f"trace, pass {EXAMPLE_INPUTS_HELP}; or give its MLP its own submodule, or convert that "
                               "submodule directly.")
+    used = [config] * any(s.report.name not in layer_configs for s in todo) + [
+        layer_configs[s.report.name] for s in todo if s.report.name in layer_configs]
+    if batches is not None or not weights_follow:
+        for used_config in {id(c): c for c in used}.values():
+            used_config.check_calibration(has_data=batches is not None)
+    if batches is not None:
+        config = config.with_calibration()
+        layer_configs = {name: c if c is None else c.with_calibration() for name, c in layer_configs.items()}
+    configs = {s.report.name: layer_configs.get(s.report.name, config) for s in todo}
     for site in todo:
-        config.check_ffn_width(site.report.d_ff, site.report.name)
-    if config.routing == "expert_choice":
+        configs[site.report.name].check_ffn_width(site.report.d_ff, site.report.name)
+    if any(c.routing == "expert_choice" for c in configs.values()):
         warnings.warn("expert_choice routing is not causal: an expert picks tokens by comparing every token of a "
                       "routing group, so a decoder's output at position t can depend on later positions. Use "
                       "switch or token_choice for autoregressive generation.", UserWarning, stacklevel=2)
 
     show = progress if progress is not None else len(todo) >= 8
     ffns = {site.report.name: _site_ffn(site) for site in todo}
-    recorded = {} if batches is None or config.experts != "split" else \
-        record_ffn_inputs(target, ffns, batches, config.calibration_tokens, config.seed, progress=progress is not False)
+    fitted = {name: c for name, c in configs.items() if c.experts == "split"} if batches is not None else {}
+    recorded = {} if not fitted else record_ffn_inputs(
+        target, {name: ffns[name] for name in fitted}, batches, max(c.calibration_tokens for c in fitted.values()),
+        config.seed, progress=progress is not False)
     layers = []
     for i, site in enumerate(tqdm(todo, desc="building experts", unit="site", disable=not show)):
-        ffn = ffns[site.report.name]
-        calibration = SiteCalibration.from_inputs(ffn, recorded.pop(site.report.name)) if recorded else None
-        layers.append(build_moe_layer(ffn, config, seed=config.seed + i, calibration=calibration)
+        ffn, site_config = ffns[site.report.name], configs[site.report.name]
+        inputs = recorded.pop(site.report.name, None)
+        calibration = None if inputs is None else SiteCalibration.from_inputs(ffn, inputs)
+        layers.append(build_moe_layer(ffn, site_config, seed=site_config.seed + i, calibration=calibration)
                       .train(site.module.training))
         if calibration is not None:
             site.report.calibration = calibration.results
@@ -253,20 +270,55 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *, example_inp
                 site.report.reason = f"rewrote {module_name or '<root>'}'s {kind} graph to call an MoELayer"
         for site, _ in pairs:
             site.report.action = "converted"
+            if site.report.name in layer_configs:
+                own = layer_configs[site.report.name]
+                site.report.reason += f"; {own.experts} {own.top_k} of {own.num_experts} experts by layer_configs"
             if site.match.hidden_dropout is not None:
                 site.report.reason += ("; the dropout on its hidden activations now acts on its output (training only)"
                                        if site.chain is not None and site.chain.dropout_stays else
                                        "; the dropout on its hidden activations (training only) is dropped")
 
-    if batches is not None and config.distill_steps:
-        fitted = distill(target, [(s.report.name, layer, ffns[s.report.name]) for s, layer in zip(todo, layers)],
-                         batches, config.distill_steps, config.calibration_tokens, config.seed, progress=show)
+    to_distill = [(s.report.name, layer, ffns[s.report.name], fitted[s.report.name].distill_steps)
+                  for s, layer in zip(todo, layers) if s.report.name in fitted and fitted[s.report.name].distill_steps]
+    if to_distill:
+        results = distill(target, to_distill, batches, max(c.calibration_tokens for c in fitted.values()),
+                          config.seed, progress=show)
         for site in todo:
-            site.report.calibration.update({f"distill_{k}": v for k, v in fitted[site.report.name].items()})
+            site.report.calibration.update({f"distill_{k}": v for k, v in results.get(site.report.name, {}).items()})
 
+    names = {id(module): name for name, module in target.named_modules()}
+    for site, layer in zip(todo, layers):
+        site.report.layer = names[id(layer)]
     target.moe_report = ConversionReport(sites=[s.report for s in sites], notes=notes, config=config,
+                                         layer_configs=layer_configs,
                                          example_inputs=None if given is None else given.to_spec())
     return target
+
+
+def _checked_layer_configs(layer_configs: Optional[Mapping[str, Optional[MoEConfig]]]
+                           ) -> dict[str, Optional[MoEConfig]]:
+    if layer_configs is None:
+        return {}
+    if not isinstance(layer_configs, Mapping):
+        raise TypeError(f"convert: layer_configs must map site names to a MoEConfig or None, got "
+                        f"{type(layer_configs).__name__}.")
+    wrong = [name for name, c in layer_configs.items() if c is not None and not isinstance(c, MoEConfig)]
+    if wrong:
+        raise TypeError(f"convert: layer_configs[{wrong[0]!r}] is a {type(layer_configs[wrong[0]]).__name__}; give "
+                        "each site a MoEConfig, or None to keep it dense.")
+    return dict(layer_configs)
+
+
+def _keep_dense(found: list[_Site], layer_configs: dict[str, Optional[MoEConfig]]) -> None:
+    """Mark the sites layer_configs keeps dense; fail on a name that is no convertible site."""
+    names = [s.report.name for s in found]
+    unknown = sorted(set(layer_configs) - set(names))
+    if unknown:
+        raise MoECompileError(f"convert: layer_configs names {', '.join(map(repr, unknown))}, which is no convertible "
+                              f"FFN site of this model. The sites are: {', '.join(names)} (see find_ffn_blocks).")
+    for site in found:
+        if site.report.name in layer_configs and layer_configs[site.report.name] is None:
+            site.report.action, site.report.reason = "kept dense", "kept dense by layer_configs"
 
 
 def _search_inputs(model: nn.Module, example_inputs: Optional[Inputs]) -> Optional[ModelInputs]:
