@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -69,9 +69,9 @@ def save_hf(model: nn.Module, directory: PathLike, *, architecture: Optional[str
     """Write a converted LLaMA, Mistral or Qwen2 model as a Mixtral or Qwen2-MoE checkpoint.
 
     architecture: "mixtral" or "qwen2_moe"; default Mixtral for LLaMA/Mistral (Qwen2-MoE when the layers have
-    a shared expert), Qwen2-MoE for Qwen2. tokenizer_dir: where to copy tokenizer files from (default: the
-    directory the dense model was loaded from, when it is one). Raises HFCheckpointError naming what the
-    architecture cannot express.
+    a shared expert, or some were kept dense: its mlp_only_layers), Qwen2-MoE for Qwen2. tokenizer_dir: where to
+    copy tokenizer files from (default: the directory the dense model was loaded from, when it is one). Raises
+    HFCheckpointError naming what the architecture cannot express.
     """
     where = "save_hf"
     config = getattr(model, "config", None)
@@ -80,30 +80,33 @@ def save_hf(model: nn.Module, directory: PathLike, *, architecture: Optional[str
         raise HFCheckpointError(f"{where}: {type(model).__name__} is not a converted transformers model. Convert a "
                                 "LLaMA, Mistral or Qwen2 model with moe_compile.convert(model, MoEConfig(...)) first.")
     source = config.to_dict()
+    report = getattr(model, "moe_report", None)
+    kept = {s.name for s in report.sites if s.action == "kept dense"} if report is not None else set()
+    dense_layers = sorted(int(m.group(1)) for name in kept if (m := _LAYER_KEY.match(name)) and name == m[0] + "mlp")
     target = choose_architecture(source, any(shared_expert(layer) for layer in layers.values()), architecture,
-                                 where)
+                                 where, dense_layers)
     count = source["num_hidden_layers"]
     expected = [f"model.layers.{i}.mlp" for i in range(count)]
-    if sorted(layers) != sorted(expected):
-        raise HFCheckpointError(f"{where}: {ARCHITECTURES[target]} has an MoE block as every decoder layer's MLP "
-                                f"({', '.join(expected[:2])}, ...); this model's MoE layers are "
-                                f"{', '.join(sorted(layers))}. Convert the whole model. {OWN_FORMAT}")
-    moe = _common_shape([MoEShape.of_layer(layers[name]) for name in expected], where)
+    if sorted(layers) != sorted(name for name in expected if name not in kept):
+        raise HFCheckpointError(f"{where}: {ARCHITECTURES[target]} has an MoE block as each decoder layer's MLP "
+                                f"({', '.join(expected[:2])}, ...) unless it stays dense; this model's MoE layers "
+                                f"are {', '.join(sorted(layers))}. Convert the whole model. {OWN_FORMAT}")
+    moe = _common_shape([MoEShape.of_layer(layer) for layer in layers.values()], where)
     check_routing(moe.routing, target, where)
 
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the head is the embedding; transformers re-ties it on load
-    dense = {name: t for name, t in state.items() if not any(name.startswith(p + ".") for p in expected)}
+    dense = {name: t for name, t in state.items() if not any(name.startswith(p + ".") for p in layers)}
     by_layer = _group_by_layer(dense, count, where)
     groups = [lambda: by_layer[None]] + [
-        (lambda i=i: {**by_layer[i], **layer_tensors(layers[expected[i]], i, target, f"{where}: {expected[i]}")})
+        (lambda i=i: by_layer[i] if i in dense_layers else
+         {**by_layer[i], **layer_tensors(layers[expected[i]], i, target, f"{where}: {expected[i]}")})
         for i in range(count)]
-    report = getattr(model, "moe_report", None)
     lb_coef = (report.config if report is not None and report.config else MoEConfig()).load_balance_coef
     source_dir = tokenizer_dir if tokenizer_dir is not None else source_files.source_dir(model)
-    dtype = layers[expected[0]].up_weight.dtype
-    return _write(directory, groups, lambda: (moe, dtype), source, target, lb_coef, source_dir)
+    dtype = next(iter(layers.values())).up_weight.dtype
+    return _write(directory, groups, lambda: (moe, dtype), source, target, lb_coef, source_dir, dense_layers)
 
 
 def convert_hf_checkpoint(source_dir: PathLike, directory: PathLike, config: Optional[MoEConfig] = None, *,
@@ -156,16 +159,16 @@ def convert_hf_checkpoint(source_dir: PathLike, directory: PathLike, config: Opt
 
 def _write(directory: PathLike, groups: list[Callable[[], dict]],
            written_shape: Callable[[], tuple[MoEShape, torch.dtype]], source: dict[str, Any], target: str,
-           lb_coef: float, source_dir: Optional[PathLike]) -> HFCheckpoint:
+           lb_coef: float, source_dir: Optional[PathLike], dense_layers: Sequence[int] = ()) -> HFCheckpoint:
     """Shards and index, then config.json from the MoE layers written (`written_shape`, called after the
     shards: a streamed conversion knows its layers only once it has built them), then the source's tokenizer
     and generation-config files."""
     directory = Path(directory)
     paths = write_shards(directory, groups)
     moe, dtype = written_shape()
-    target_config(source, target, moe, dtype, lb_coef).save_pretrained(directory)
+    target_config(source, target, moe, dtype, lb_coef, dense_layers).save_pretrained(directory)
     copied = source_files.copy_source_files(source_dir, directory)
-    return HFCheckpoint(directory, ARCHITECTURES[target], len(groups) - 1, moe.routing.num_experts,
+    return HFCheckpoint(directory, ARCHITECTURES[target], len(groups) - 1 - len(dense_layers), moe.routing.num_experts,
                         moe.routing.top_k, len(paths), sum(path.stat().st_size for path in paths), copied)
 
 

@@ -29,7 +29,7 @@ qkv_bias=False when it carries a shared expert, which Mixtral lacks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -100,9 +100,11 @@ def check_routing(routing: Routing, architecture: str, where: str) -> None:
                                 f"{OWN_FORMAT}")
 
 
-def choose_architecture(source: dict[str, Any], shared: bool, requested: Optional[str], where: str) -> str:
-    """The target for a dense source config: Mixtral for LLaMA/Mistral (Qwen2-MoE when a shared expert must be
-    written), Qwen2-MoE for Qwen2, or the `requested` one; refuses source features the target lacks."""
+def choose_architecture(source: dict[str, Any], shared: bool, requested: Optional[str], where: str,
+                        dense_layers: Sequence[int] = ()) -> str:
+    """The target for a dense source config: Mixtral for LLaMA/Mistral (Qwen2-MoE when a shared expert or
+    layers kept dense must be written), Qwen2-MoE for Qwen2, or the `requested` one; refuses source features
+    the target lacks."""
     model_type = source.get("model_type")
     if model_type not in SOURCE_TYPES:
         found = f"this one is {model_type!r}" if model_type else "this one is not a transformers model"
@@ -111,7 +113,7 @@ def choose_architecture(source: dict[str, Any], shared: bool, requested: Optiona
     if requested is not None and requested not in ARCHITECTURES:
         raise HFCheckpointError(f"{where}: unknown architecture {requested!r}. Choose one of "
                                 f"{', '.join(ARCHITECTURES)}, or leave it unset.")
-    target = requested or (QWEN2_MOE if shared else SOURCE_TYPES[model_type])
+    target = requested or (QWEN2_MOE if shared or dense_layers else SOURCE_TYPES[model_type])
     problems = []
     if source.get("attention_bias") or source.get("mlp_bias"):
         problems.append("its attention or MLP projections have biases, which Mixtral's and Qwen2-MoE's "
@@ -120,6 +122,9 @@ def choose_architecture(source: dict[str, Any], shared: bool, requested: Optiona
         problems.append("Qwen2's q/k/v projections have biases, Mixtral's do not (write Qwen2-MoE instead)")
     if target == MIXTRAL and shared:
         problems.append("it has a shared expert, which Mixtral lacks (write Qwen2-MoE instead)")
+    if target == MIXTRAL and dense_layers:
+        problems.append(f"decoder layers {list(dense_layers)} stay dense, and every Mixtral layer is sparse (write "
+                        "Qwen2-MoE instead, whose mlp_only_layers say it)")
     if target == QWEN2_MOE and model_type != "qwen2":
         head_dim = source.get("head_dim")
         if head_dim is not None and head_dim != source["hidden_size"] // source["num_attention_heads"]:
@@ -150,9 +155,9 @@ class MoEShape:
 
 
 def target_config(source: dict[str, Any], architecture: str, moe: MoEShape, dtype: torch.dtype,
-                  load_balance_coef: float):
+                  load_balance_coef: float, dense_layers: Sequence[int] = ()):
     """The transformers config of the MoE checkpoint: every field the dense source shares with the target
-    class, plus the MoE fields."""
+    class (the dense MLP width among them), plus the MoE fields."""
     import transformers
 
     cls = getattr(transformers, ARCHITECTURES[architecture]).config_class
@@ -166,7 +171,8 @@ def target_config(source: dict[str, Any], architecture: str, moe: MoEShape, dtyp
     else:
         fields.update(num_experts=moe.routing.num_experts, moe_intermediate_size=moe.expert_width,
                       norm_topk_prob=moe.routing.renormalised, shared_expert_intermediate_size=moe.shared_width,
-                      decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=source.get("model_type") == "qwen2")
+                      decoder_sparse_step=1, mlp_only_layers=list(dense_layers),
+                      qkv_bias=source.get("model_type") == "qwen2")
     config = cls(**fields)
     config.architectures = [ARCHITECTURES[architecture]]
     return config

@@ -147,3 +147,19 @@ def test_other_models_are_refused(tmp_path, hf_gpt2, nanogpt):
     with pytest.raises(mc.HFCheckpointError, match="unknown architecture 'deepseek'. Choose one of mixtral, qwen2_moe"):
         mc.save_hf(mc.convert(make_dense("llama"), mc.MoEConfig(num_experts=4)), tmp_path, architecture="deepseek")
 
+
+
+def test_layers_kept_dense_are_qwen2_moe_mlp_only_layers(tmp_path):
+    """A per-layer plan (optimize's): layer 0 dense, layer 1 MoE, written as Qwen2-MoE with mlp_only_layers=[0];
+    Mixtral, whose layers are all sparse, is refused with the reason."""
+    config = mc.MoEConfig(num_experts=4, top_k=2, upcycle_noise=0.5)
+    moe = mc.convert(make_dense("llama"), config, layer_configs={"model.layers.0.mlp": None}).eval()
+    written = mc.save_hf(moe, tmp_path / "plan")
+    name, logits = hf_logits(tmp_path / "plan", IDS)
+    with torch.no_grad():
+        ours = moe(IDS).logits
+    assert name == "Qwen2MoeForCausalLM" and written.layers == 1
+    assert json.loads((tmp_path / "plan" / "config.json").read_text())["mlp_only_layers"] == [0]
+    assert (logits - ours).abs().max().item() <= 1e-5
+    with pytest.raises(mc.HFCheckpointError, match=r"decoder layers \[0\] stay dense"):
+        mc.save_hf(moe, tmp_path / "mixtral", architecture="mixtral")
