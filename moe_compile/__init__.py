@@ -7,14 +7,15 @@ from .export import ExportReport, Generator, ParityReport, check_generation, che
 from .heal import HealingError, HealReport, heal
 from .hf_checkpoint import HFCheckpoint, convert_hf_checkpoint, save_hf
 from .moe import MoELayer, RoutingStats, aux_loss, routing_stats
+from .optimize import OptimizeReport, optimize
 from .passes import ConversionReport, SiteReport, convert, find_ffn_blocks
 from .serialization import load, save
 from .stats import ModelStats, SiteStats, model_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["ConversionReport", "ExportReport", "HFCheckpoint", "HFCheckpointError", "HealReport", "HealingError",
-           "LoweringError", "MoECompileError", "MoEConfig", "MoELayer", "ModelStats", "NoFFNFoundError", "ParityReport",
-           "RecipeError", "RoutingStats", "SiteReport", "SiteStats", "Generator", "aux_loss", "check_generation",
-           "check_parity", "convert", "convert_hf_checkpoint", "export", "find_ffn_blocks", "generate", "heal", "load",
-           "model_stats", "routing_stats", "save", "save_hf"]
+__all__ = ["ConversionReport", "ExportReport", "Generator", "HFCheckpoint", "HFCheckpointError", "HealReport",
+           "HealingError", "LoweringError", "MoECompileError", "MoEConfig", "MoELayer", "ModelStats",
+           "NoFFNFoundError", "OptimizeReport", "ParityReport", "RecipeError", "RoutingStats", "SiteReport",
+           "SiteStats", "aux_loss", "check_generation", "check_parity", "convert", "convert_hf_checkpoint", "export",
+           "find_ffn_blocks", "generate", "heal", "load", "model_stats", "optimize", "routing_stats", "save", "save_hf"]

@@ -5,6 +5,8 @@
                         [--format moe_compile|hf] [--calibrate | --calibration-text FILE ...] [MoEConfig flags]
     moe-compile eval (--checkpoint FILE | --hf DIR | --gguf FILE | --example NAME) [--active F ...] [--text FILE ...]
                      [--no-calibration | --calibration-text FILE ...] [--json FILE] [MoEConfig flags]
+    moe-compile optimize (--checkpoint FILE | --hf DIR | --gguf FILE | --example NAME) (--budget F | --quality Q)
+                         --out DIR [--top-k K ...] [--text FILE ...] [--calibration-text FILE ...] [MoEConfig flags]
     moe-compile heal MODEL_DIR (--hf DIR | --gguf FILE | --checkpoint FILE | --example NAME) --out DIR
                      [--tokens N] [--text FILE ...] [--eval-text FILE ...] [--loss ...] [--checkpoint-dir DIR]
     moe-compile export MODEL_DIR --target {ort,portable,tensorrt} --out FILE.onnx [--dtype fp32|fp16|bf16]
@@ -45,6 +47,7 @@ from .example_models import EXAMPLE_MODELS, build_example, load_checkpoint
 from .example_text import calibration_batches, score, stdlib_text, token_ids
 from .heal import LOSSES, heal
 from .hf_checkpoint import convert_hf_checkpoint
+from .optimize import optimize
 from .passes import convert, find_ffn_blocks
 from .serialization import RECIPE_FILE, load, save
 from .stats import model_stats
@@ -134,6 +137,29 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(evaluate)
     evaluate.set_defaults(handler=_eval)
 
+    optimizing = commands.add_parser(
+        "optimize", help="choose per layer dense or k of E split experts, for an active-FFN or a quality budget",
+        description="Convert with every candidate (k of --num-experts split experts for each --top-k, calibrated), "
+                    "measure each layer's held-out loss increase when it alone is converted, and choose per layer "
+                    "dense or a candidate: the least predicted loss within --budget (active FFN share), or the least "
+                    "cost within --quality (perplexity as a multiple of dense). Saves the model to --out.")
+    _add_source(optimizing, saved=False)
+    goal = optimizing.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--budget", type=float, metavar="F", help="active FFN share, FLOP-weighted (e.g. 0.5)")
+    goal.add_argument("--quality", type=float, metavar="Q", help="perplexity allowed, a multiple of dense (e.g. 1.5)")
+    optimizing.add_argument("--out", required=True, metavar="DIR", help="directory to save the converted model to")
+    optimizing.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 4, 6], metavar="K",
+                            help="the candidates' experts per token, of --num-experts split experts (1 2 4 6)")
+    optimizing.add_argument("--text", nargs="+", metavar="FILE", help="held-out text the layers' sensitivity is "
+                                                                      "measured on (default: the standard library's "
+                                                                      "validation split)")
+    optimizing.add_argument("--windows", type=int, default=16, help="held-out windows (16)")
+    _add_calibration_flags(optimizing)
+    optimizing.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    optimizing.add_argument("--plot", metavar="FILE.png", help="also draw the frontier searched (needs matplotlib)")
+    _add_config_flags(optimizing, skip=("top_k", "experts"))
+    optimizing.set_defaults(handler=_optimize)
+
     healing = commands.add_parser("heal", help="train a converted model to its dense source, end to end",
                                   description="Train MODEL_DIR's MoE layers so that its output distribution (and block "
                                               "outputs) match the dense model it was converted from (the --hf, --gguf, "
@@ -221,9 +247,11 @@ def _add_source(parser: argparse.ArgumentParser, saved: bool) -> None:
         source.add_argument("--model", metavar="DIR", help="a converted model saved by moe-compile convert")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("MoEConfig", "unset fields take MoEConfig's defaults")
     for name, (kind, text) in CONFIG_FLAGS.items():
+        if name in skip:
+            continue
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text, default=argparse.SUPPRESS)
@@ -400,6 +428,26 @@ class _Text:
             raise UsageError(f"--calibration-windows must be positive, got {args.calibration_windows}.")
         return calibration_batches(self.length, args.calibration_windows,
                                    data=self.tokens(args.calibration_text, "train"), bos=self.bos)
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    if args.windows < 1:
+        raise UsageError(f"--windows must be positive, got {args.windows}.")
+    dense = _dense_model(args)
+    text = _Text.for_model(args, dense)
+    fields = {name: getattr(args, name) for name in CONFIG_FLAGS if hasattr(args, name) and name != "top_k"}
+    candidates = [MoEConfig(**fields, experts="split", top_k=k) for k in args.top_k]
+    model, report = optimize(dense, text.calibration_batches(args), text.tokens(args.text, "validation"),
+                             budget=args.budget, quality=args.quality, candidates=candidates, length=text.length,
+                             windows=args.windows, bos=text.bos, example_inputs=_token_ids(dense, *EXPORT_SHAPE))
+    print(report.table())
+    save(model, args.out)
+    print(f"\nsaved to {args.out}")
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    if args.plot is not None:
+        report.plot(args.plot)
+    return 0
 
 
 def _heal(args: argparse.Namespace) -> int:
