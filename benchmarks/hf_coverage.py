@@ -11,6 +11,8 @@ and run against the dense model on the model's own dummy inputs, every output co
     skipped     FFN sites found, but not all converted exactly (the reason); candidates whose shapes are no FFN's
                 (d -> d' with d' != d: a multimodal projector, an LM head) are passed over, as the matcher does
     not found   no FFN site found (the search's notes)
+    no FFN      no dense FFN to find: no two weights of the model shaped [f, d] and [d, f] with f != d (2-D, or
+                1x1 convolutions), as in state-space models (Mamba) and grouped-convolution FFNs (counted apart)
     not built   the tiny config does not build or run (a harness gap: counted in the denominator)
     MoE model   an MoE model already, not a dense-FFN model (counted apart)
 
@@ -98,10 +100,18 @@ def shrink(config):
         rope = [other for other in head_dims if values[other] == values[name] and re.search(r"rot|rope", other)]
         if rope:
             changes[name] = changes[rope[0]]
-    for name in head_dims:  # one that is the sum of two others by default (MLA: qk_head_dim = nope + rope) stays so
-        parts = [(a, b) for a in head_dims for b in head_dims if a < b and values[a] + values[b] == values[name]]
+    sized = [name for name in head_dims if isinstance(values[name], int)]  # unset ones (None) take part in neither
+    for name in sized:  # one that is the sum of two others by default (MLA: qk_head_dim = nope + rope) stays so
+        parts = [(a, b) for a in sized for b in sized if a < b and values[a] + values[b] == values[name]]
         if parts:
             changes[name] = changes[parts[0][0]] + changes[parts[0][1]]
+    heads_set = [name for name in changes if re.search(r"_heads?$", name) and isinstance(values[name], int)]
+    for name in heads_set:  # heads x head size = m x width by default (a Mamba2 mixer's expand x width) stays so
+        for size in sized:
+            product = values[name] * values[size]
+            if width and product % width == 0 and (product // width * TINY["width"]) % changes[size] == 0:
+                changes[name] = product // width * TINY["width"] // changes[size]
+                break
     for name, value in changes.items():
         setattr(config, name, value)
     for value in vars(config).values():  # sub-configs of composite models (text_config, encoder, ...)
@@ -177,6 +187,8 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
             if found:
                 reasons = sorted({s.reason for s in found if s.action == "skipped"})
                 return {**row, "status": "skipped", "sites": len(found), "reason": "; ".join(reasons)[:300]}
+            if not has_ffn_shapes(dense):
+                return {**row, "status": "no FFN", "reason": "no two weights shaped [f, d] and [d, f] (f != d)"}
             notes = "; ".join(sorted({n.outcome for n in report.notes if "torch.fx" not in n.outcome}))
             return {**row, "status": "not found", "reason": notes[:300] or "no FFN pattern in any module"}
         except Exception as error:  # noqa: BLE001
@@ -198,20 +210,27 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
             "reason": "not exact (scaled error): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())}
 
 
+def has_ffn_shapes(model) -> bool:
+    """Whether two weights of `model` could be an FFN's up and down projections: shaped [f, d] and [d, f], f != d
+    (matrices, or convolution kernels of size 1), in either layout."""
+    shapes = {tuple(p.shape[:2]) for p in model.parameters() if p.dim() == 2 or (p.dim() > 2 and p[0, 0].numel() == 1)}
+    return any((b, a) in shapes for a, b in shapes if a != b)
+
+
 def table(rows: list[dict]) -> str:
     """The README table: counts per status, then every architecture that did not convert, with its reason."""
     from moe_compile.table import format_table
 
-    dense = [r for r in rows if r["status"] != "MoE model"]
+    dense = [r for r in rows if r["status"] not in ("MoE model", "no FFN")]
     converted = [r for r in dense if r["status"] == "converted"]
     built = [r for r in dense if r["status"] not in ("not built", "not run")]
     lines = [f"{len(converted)} of {len(dense)} dense-FFN architectures convert exactly "
              f"({len(converted) / max(len(dense), 1):.0%}; {len(converted)} of the {len(built)} the harness builds, "
              f"{len(converted) / max(len(built), 1):.0%}), exact meaning max |moe - dense| <= {TOLERANCE:g} x "
-             "max(1, max |dense|) on every output; MoE models are counted apart.", ""]
+             "max(1, max |dense|) on every output; MoE models and models with no dense FFN are counted apart.", ""]
     counts = [("status", "architectures")] + [(s, str(sum(r["status"] == s for r in rows))) for s in
                                                ("converted", "skipped", "not found", "not built", "not run",
-                                                "MoE model")]
+                                                "MoE model", "no FFN")]
     lines += [format_table(counts), ""]
     rest = [("mapping", "class", "status", "reason")]
     rest += [(r["mapping"], r["class"], r["status"], r.get("reason", "")[:150])
@@ -251,7 +270,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="model types to run (default: every one)")
     parser.add_argument("--timeout", type=float, default=90, help="seconds per architecture (90)")
     parser.add_argument("--update", action="store_true",
-                        help="rerun only the architectures the last results did not convert (MoE models aside)")
+                        help="rerun only the architectures the last results did not convert (those counted apart "
+                             "aside)")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds for the whole sweep; architectures left when it is spent are listed as not run")
     parser.add_argument("--chunk", nargs="*", help=argparse.SUPPRESS)  # internal: a worker's architectures
@@ -263,7 +283,7 @@ def main() -> int:
     kept = []
     if args.update:
         kept = [r for r in json.loads((RESULTS / "hf_coverage.json").read_text())
-                if r["status"] in ("converted", "MoE model")]
+                if r["status"] in ("converted", "MoE model", "no FFN")]
         done = {f"{r['mapping']}:{r['model_type']}:{r['class']}" for r in kept}
         todo = [spec for spec in todo if spec not in done]
     rows, start = [], time.perf_counter()

@@ -49,3 +49,19 @@ def test_an_encoder_decoder_without_decoder_ids_gets_the_encoders():
     """Pegasus' dummy inputs hold no decoder ids, and its decoder refuses to run without them."""
     row = hf_coverage.run_one("seq2seq", "pegasus", "PegasusForConditionalGeneration")
     assert row["status"] == "converted", row
+
+
+def test_a_mamba2_mixer_keeps_its_inner_width():
+    """Its heads x head size is expand x hidden_size by default, and must stay so (the mixer reshapes by it)."""
+    config = hf_coverage.shrink(transformers.AutoConfig.for_model("mamba2"))
+    assert config.num_heads * config.head_dim == config.expand * config.hidden_size
+
+
+def test_models_without_ffn_shaped_weights_are_counted_apart(hf_gpt2):
+    torch = pytest.importorskip("torch")
+    mamba = transformers.MambaForCausalLM(hf_coverage.shrink(transformers.AutoConfig.for_model("mamba")))
+    assert not hf_coverage.has_ffn_shapes(mamba)
+    assert hf_coverage.has_ffn_shapes(hf_gpt2)  # Conv1D [d, f] and [f, d]
+    assert hf_coverage.has_ffn_shapes(torch.nn.Sequential(torch.nn.Conv1d(8, 32, 1), torch.nn.Conv1d(32, 8, 1)))
+    row = hf_coverage.run_one("causal-lm", "mamba", "MambaForCausalLM")
+    assert row["status"] == "no FFN", row
