@@ -25,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's moe_compile, not an installed one
-from run import FULL, RESULTS, TINY, _quiet, _session, gpt2_body, machine, time_round_robin  # noqa: E402
+from run import FULL, RESULTS, TINY, _quiet, gpt2_body, machine  # noqa: E402
+
+from moe_compile.timing import ort_session, time_round_robin  # noqa: E402
 
 
 def _load() -> list[float]:
@@ -66,7 +68,7 @@ def main() -> None:
             onnx.save(fused_model, str(paths[name]))
             del fused_model
         setup.update(export_s=round(export_s, 1), fusions=fusions)
-        sessions = {name: _session(path, 1) for name, path in paths.items()}
+        sessions = {name: ort_session(path, 1) for name, path in paths.items()}
         runs = []
         for tokens in sizes.model_tokens:
             ids = torch.randint(0, 50257, (1, tokens), generator=torch.Generator().manual_seed(2))

@@ -30,7 +30,6 @@ import logging
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -168,29 +166,6 @@ def convert_body(body, kind: str):
 
 # ------------------------------------------------------------------------------------------------ timing
 
-def time_round_robin(calls: dict[str, Callable[[], object]], blocks: int, per_block: int) -> dict[str, float]:
-    """Median over `blocks` round-robin blocks of the mean seconds per call, after two warm-up calls each."""
-    for fn in calls.values():
-        fn(), fn()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(blocks):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            for _ in range(per_block):
-                fn()
-            samples[name].append((time.perf_counter() - start) / per_block)
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -216,6 +191,8 @@ def child_export_layers(sizes: Sizes, workdir: Path) -> dict:
 def child_time_layers(sizes: Sizes, workdir: Path, tokens: int, threads: int) -> dict:
     import torch
 
+    from moe_compile.timing import ort_session, time_round_robin
+
     torch.set_num_threads(threads)
     files = json.loads((workdir / "layers.json").read_text())
     x = torch.randn(1, tokens, sizes.d_model, generator=torch.Generator().manual_seed(1))
@@ -225,7 +202,7 @@ def child_time_layers(sizes: Sizes, workdir: Path, tokens: int, threads: int) ->
             calls[f"{name} | eager"] = (lambda m=module: m(x))
             meta[f"{name} | eager"] = (name, "eager", ideal)
         if kind in ("both", "onnx", "ort-op"):
-            session = _session(Path(files[name]), threads)
+            session = ort_session(Path(files[name]), threads)
             calls[f"{name} | onnx"] = (lambda s=session, n=session.get_inputs()[0].name: s.run(None, {n: x.numpy()}))
             meta[f"{name} | onnx"] = (name, "onnxruntime", ideal)
     with torch.inference_mode():
@@ -257,6 +234,8 @@ def child_build_model(sizes: Sizes, workdir: Path, kind: str) -> dict:
 def child_time_model(sizes: Sizes, workdir: Path, tokens: int) -> dict:
     import torch
 
+    from moe_compile.timing import ort_session, time_round_robin
+
     torch.set_num_threads(1)
     ids = torch.randint(0, 50257, (1, tokens), generator=torch.Generator().manual_seed(2))
     x = torch.randn(1, tokens, sizes.d_model, generator=torch.Generator().manual_seed(3))
@@ -264,10 +243,10 @@ def child_time_model(sizes: Sizes, workdir: Path, tokens: int) -> dict:
     calls = {}
     for kind in ("dense", "split", "upcycle"):
         model = gpt2_body(sizes, kind)
-        session = _session(workdir / f"body-{kind}.onnx", 1)
+        session = ort_session(workdir / f"body-{kind}.onnx", 1)
         calls[f"{kind} | eager"] = (lambda m=model: m(ids))
         calls[f"{kind} | onnx"] = (lambda s=session, n=session.get_inputs()[0].name: s.run(None, {n: ids.numpy()}))
-    ffn = _session(Path(files["dense FFN"]), 1)
+    ffn = ort_session(Path(files["dense FFN"]), 1)
     ffn_input = ffn.get_inputs()[0].name
     calls["dense FFN layer | onnx"] = lambda: ffn.run(None, {ffn_input: x.numpy()})
     with torch.inference_mode():
