@@ -30,11 +30,9 @@ import moe_compile as mc
 from moe_compile.example_text import calibration_batches, perplexity, stdlib_prose, stdlib_text, token_ids
 from moe_compile.optimize import optimize
 from moe_compile.table import format_table
+from moe_compile.timing import ort_session, time_round_robin
 
 from gemma3 import CACHE, fetch, load  # examples/gemma3.py, beside this script
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from run import time_round_robin  # noqa: E402  (benchmarks/run.py: the suite's round-robin timer)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 LENGTH, EVAL_WINDOWS, CALIBRATION_WINDOWS, SENSITIVITY_WINDOWS = 256, 8, 16, 4
@@ -43,17 +41,13 @@ PROMPT = 512  # tokens of the timed prompt
 
 def body_latency(models: dict, workdir: Path) -> dict:
     """Seconds per 512-token forward of each model's transformer body (no LM head) in ONNX Runtime, 1 thread."""
-    import onnxruntime as ort
-
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
     calls = {}
     for name, model in models.items():
         path = workdir / f"{len(calls)}.onnx"
         mc.export(model.model, (ids,), path)
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path, 1)
         calls[name] = lambda session=session: session.run(None, {session.get_inputs()[0].name: ids.numpy()})
     return time_round_robin(calls, blocks=5, per_block=2)
 
@@ -74,7 +68,8 @@ def run(args: argparse.Namespace) -> dict:
     candidates = [mc.MoEConfig(experts="split", num_experts=8, top_k=k) for k in args.top_k]
     start = time.perf_counter()
     moe, report = optimize(dense, calibration, sensitivity_part, budget=args.budget, candidates=candidates,
-                           length=LENGTH, windows=SENSITIVITY_WINDOWS, bos=bos)
+                           length=LENGTH, windows=SENSITIVITY_WINDOWS, bos=bos, cost=args.cost,
+                           latency_tokens=PROMPT)
     optimize_s = time.perf_counter() - start
     print(report, flush=True)
     start = time.perf_counter()
@@ -83,25 +78,32 @@ def run(args: argparse.Namespace) -> dict:
                          calibration_data=calibration, progress=False)
     uniform_s = time.perf_counter() - start
     for name, model in (("plan", moe), ("uniform", uniform)):
-        mc.save(model, CACHE.parent / "gemma3-optimize" / name)
+        mc.save(model, CACHE.parent / "gemma3-optimize" / f"{name}{suffix(args.cost)}")
     models = {"dense": (dense, None), f"uniform split 8/{uniform_k}": (uniform, uniform_s),
-              f"optimize, budget {args.budget:.0%}": (moe, optimize_s)}
+              f"optimize, {args.cost} budget {args.budget:.0%}": (moe, optimize_s)}
     with tempfile.TemporaryDirectory() as workdir:
         latency = body_latency({name: model for name, (model, _) in models.items()}, Path(workdir))
     rows = [{"model": name, "active": mc.model_stats(model).active_fraction if seconds is not None else 1.0,
              "seconds": seconds, "body_ms": 1000 * latency[name], **measure(model, held_out, bos)}
             for name, (model, seconds) in models.items()]
-    result = {"command": " ".join(sys.argv[1:]), "budget": args.budget, "top_k": args.top_k, "rows": rows,
+    result = {"command": " ".join(sys.argv[1:]), "budget": args.budget, "cost": args.cost, "top_k": args.top_k,
+              "rows": rows,
               "report": report.to_dict(), "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "machine": {"threads": torch.get_num_threads(), "python": platform.python_version(),
                           "torch": torch.__version__}}
-    (DOCS / "gemma3_optimize.json").write_text(json.dumps(result, indent=1) + "\n")
-    report.plot(DOCS / "gemma3_optimize.png")
+    (DOCS / f"gemma3_optimize{suffix(args.cost)}.json").write_text(json.dumps(result, indent=1) + "\n")
+    report.plot(DOCS / f"gemma3_optimize{suffix(args.cost)}.png")
     return result
 
 
+def suffix(cost: str) -> str:
+    """Result files of a FLOP budget have no suffix, those of a latency budget `_latency`."""
+    return "" if cost == "flops" else f"_{cost}"
+
+
 def write_doc(result: dict) -> str:
-    rows, report = result["rows"], result["report"]
+    rows, report, cost = result["rows"], result["report"], result.get("cost", "flops")
+    latency = cost == "latency"
     dense = rows[0]
     table = [("model", "active FFN", "convert", "prose ppl", "vs dense", "code ppl", "vs dense", "body, 512 tokens",
               "vs dense")]
@@ -111,15 +113,20 @@ def write_doc(result: dict) -> str:
               for r in rows]
     plan = [("layer", "plan", "loss increase alone")]
     plan += [(p["site"], p["choice"], f"{p['predicted_increase']:+.4f}") for p in report["plan"]]
-    sensitivity = [("model", "active FFN", "perplexity", "vs dense")]
-    sensitivity += [(f"uniform {u['choice']}", f"{u['active']:.1%}", f"{u['perplexity']:.2f}",
-                     f"{u['perplexity'] / report['dense_perplexity']:.2f}x") for u in report["uniform"]]
-    sensitivity += [("plan (predicted)", "", f"{report['predicted_perplexity']:.2f}",
-                     f"{report['predicted_perplexity'] / report['dense_perplexity']:.2f}x"),
-                    ("plan (measured)", f"{report['active']:.1%}", f"{report['perplexity']:.2f}",
-                     f"{report['perplexity'] / report['dense_perplexity']:.2f}x")]
+    sensitivity = [("model", "active FFN", *(("FFN latency",) * latency), "perplexity", "vs dense")]
+    sensitivity += [(f"uniform {u['choice']}", f"{u['active']:.1%}", *([f"{u['cost']:.1%}"] if latency else []),
+                     f"{u['perplexity']:.2f}", f"{u['perplexity'] / report['dense_perplexity']:.2f}x")
+                    for u in report["uniform"]]
+    plan_cost = [f"{report['predicted_cost']:.1%}"] if latency else []
+    sensitivity += [(f"plan ({label})", f"{report['active']:.1%}", *plan_cost,
+                     f"{report[key]:.2f}", f"{report[key] / report['dense_perplexity']:.2f}x")
+                    for label, key in (("predicted", "predicted_perplexity"), ("measured", "perplexity"))]
+    timed = "" if not latency else "\n\nThe layer latencies the plan was costed with (ONNX Runtime, portable, " \
+        f"1 thread, {PROMPT} tokens):\n\n```\n" + format_table(
+            [("layer shape", *(f"{c} (ms)" for c in next(iter(report["latency_ms"].values()))))] +
+            [(shape, *(f"{t:.2f}" for t in ms.values())) for shape, ms in report["latency_ms"].items()]) + "\n```"
     machine = result["machine"]
-    text = f"""# Per-layer sparsity for Gemma 3 270M (`optimize`)
+    text = f"""# Per-layer sparsity for Gemma 3 270M (`optimize`, {"latency" if latency else "FLOP"} budget)
 
 ```
 python examples/gemma3_optimize.py {result['command']}
@@ -127,7 +134,8 @@ python examples/gemma3_optimize.py {result['command']}
 
 {machine['threads']} threads, torch {machine['torch']}; peak memory {result['peak_memory_mb'] / 1024:.1f} GiB.
 Candidates: k of 8 split experts for k in {', '.join(map(str, result['top_k']))} (calibrated defaults, 4,096 tokens
-of training prose), or dense. Sensitivity measured on {SENSITIVITY_WINDOWS} windows of 256 tokens of other training
+of training prose), or dense; the budget a share of the dense FFN's {"ONNX Runtime latency" if latency else "FLOPs"}.
+Sensitivity measured on {SENSITIVITY_WINDOWS} windows of 256 tokens of other training
 prose; the results below on held-out prose and code, {EVAL_WINDOWS} windows of 256 tokens each, BOS first. Body:
 the transformer without its LM head, exported (target portable), one {PROMPT}-token prompt in ONNX Runtime, 1 thread,
 median of 5 round-robin blocks.
@@ -146,21 +154,24 @@ On the sensitivity windows (where the plan was chosen, so its figure there is op
 
 ```
 {format_table(sensitivity)}
-```
+```{timed}
 
-![frontier](gemma3_optimize.png)
+![frontier](gemma3_optimize{suffix(cost)}.png)
 """
-    (DOCS / "gemma3_optimize.md").write_text(text)
+    (DOCS / f"gemma3_optimize{suffix(cost)}.md").write_text(text)
     return text
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=0.5, help="active FFN share (0.5)")
+    parser.add_argument("--budget", type=float, default=0.5, help="share of the dense FFN cost (0.5)")
+    parser.add_argument("--cost", choices=["flops", "latency"], default="flops",
+                        help="the budget's cost: FFN FLOPs, or FFN latency in ONNX Runtime (flops)")
     parser.add_argument("--top-k", type=int, nargs="+", default=[2, 4, 6], help="candidate k of 8 (2 4 6)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the doc from the saved result")
     args = parser.parse_args()
-    result = json.loads((DOCS / "gemma3_optimize.json").read_text()) if args.report_only else run(args)
+    saved = DOCS / f"gemma3_optimize{suffix(args.cost)}.json"
+    result = json.loads(saved.read_text()) if args.report_only else run(args)
     print(write_doc(result))
     return 0
 

@@ -6,7 +6,8 @@
     moe-compile eval (--checkpoint FILE | --hf DIR | --gguf FILE | --example NAME) [--active F ...] [--text FILE ...]
                      [--no-calibration | --calibration-text FILE ...] [--json FILE] [MoEConfig flags]
     moe-compile optimize (--checkpoint FILE | --hf DIR | --gguf FILE | --example NAME) (--budget F | --quality Q)
-                         --out DIR [--top-k K ...] [--text FILE ...] [--calibration-text FILE ...] [MoEConfig flags]
+                         --out DIR [--top-k K ...] [--cost flops|latency --target T --threads N] [--text FILE ...]
+                         [--calibration-text FILE ...] [MoEConfig flags]
     moe-compile heal MODEL_DIR (--hf DIR | --gguf FILE | --checkpoint FILE | --example NAME) --out DIR
                      [--tokens N] [--text FILE ...] [--eval-text FILE ...] [--loss ...] [--checkpoint-dir DIR]
     moe-compile export MODEL_DIR --target {ort,portable,tensorrt} --out FILE.onnx [--dtype fp32|fp16|bf16]
@@ -47,7 +48,7 @@ from .example_models import EXAMPLE_MODELS, build_example, load_checkpoint
 from .example_text import calibration_batches, score, stdlib_text, token_ids
 from .heal import LOSSES, heal
 from .hf_checkpoint import convert_hf_checkpoint
-from .optimize import optimize
+from .optimize import COSTS, LATENCY_TARGETS, optimize
 from .passes import convert, find_ffn_blocks
 from .serialization import RECIPE_FILE, load, save
 from .stats import model_stats
@@ -141,11 +142,13 @@ def _parser() -> argparse.ArgumentParser:
         "optimize", help="choose per layer dense or k of E split experts, for an active-FFN or a quality budget",
         description="Convert with every candidate (k of --num-experts split experts for each --top-k, calibrated), "
                     "measure each layer's held-out loss increase when it alone is converted, and choose per layer "
-                    "dense or a candidate: the least predicted loss within --budget (active FFN share), or the least "
-                    "cost within --quality (perplexity as a multiple of dense). Saves the model to --out.")
+                    "dense or a candidate: the least predicted loss within --budget (a share of the dense FFN's "
+                    "FLOPs, or of its ONNX Runtime latency with --cost latency), or the least cost within --quality "
+                    "(perplexity as a multiple of dense). Saves the model to --out.")
     _add_source(optimizing, saved=False)
     goal = optimizing.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--budget", type=float, metavar="F", help="active FFN share, FLOP-weighted (e.g. 0.5)")
+    goal.add_argument("--budget", type=float, metavar="F",
+                      help="share of the dense FFN cost (e.g. 0.5): FLOPs, or latency with --cost latency")
     goal.add_argument("--quality", type=float, metavar="Q", help="perplexity allowed, a multiple of dense (e.g. 1.5)")
     optimizing.add_argument("--out", required=True, metavar="DIR", help="directory to save the converted model to")
     optimizing.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 4, 6], metavar="K",
@@ -154,6 +157,14 @@ def _parser() -> argparse.ArgumentParser:
                                                                       "measured on (default: the standard library's "
                                                                       "validation split)")
     optimizing.add_argument("--windows", type=int, default=16, help="held-out windows (16)")
+    optimizing.add_argument("--cost", choices=COSTS, default="flops",
+                            help="what the budget is a share of: FFN FLOPs per token, or each layer's latency in "
+                                 "ONNX Runtime, timed once per layer shape (flops)")
+    optimizing.add_argument("--target", choices=LATENCY_TARGETS, default="portable",
+                            help="--cost latency: the export target the layers are timed in (portable)")
+    optimizing.add_argument("--threads", type=int, default=1, help="--cost latency: ONNX Runtime threads (1)")
+    optimizing.add_argument("--latency-tokens", type=int, default=512,
+                            help="--cost latency: tokens per timed layer call (512)")
     _add_calibration_flags(optimizing)
     optimizing.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     optimizing.add_argument("--plot", metavar="FILE.png", help="also draw the frontier searched (needs matplotlib)")
@@ -439,7 +450,9 @@ def _optimize(args: argparse.Namespace) -> int:
     candidates = [MoEConfig(**fields, experts="split", top_k=k) for k in args.top_k]
     model, report = optimize(dense, text.calibration_batches(args), text.tokens(args.text, "validation"),
                              budget=args.budget, quality=args.quality, candidates=candidates, length=text.length,
-                             windows=args.windows, bos=text.bos, example_inputs=_token_ids(dense, *EXPORT_SHAPE))
+                             windows=args.windows, bos=text.bos, example_inputs=_token_ids(dense, *EXPORT_SHAPE),
+                             cost=args.cost, target=args.target, threads=args.threads,
+                             latency_tokens=args.latency_tokens)
     print(report.table())
     save(model, args.out)
     print(f"\nsaved to {args.out}")

@@ -1,16 +1,17 @@
 """optimize: choose per FFN site whether it stays dense and which split (E, k) it gets, for a budget.
 
-Each site s stays dense (active share a = 1) or takes one candidate c (split experts, a_s(c) = k/E with shared
-neurons counted); w_s is the site's dense FFN FLOPs per token, L the mean next-token cross-entropy on held-out
-windows.
+Each site s stays dense or takes one candidate c (split experts). Its cost t_s(c) is, with cost="flops", its FFN
+FLOPs per token (k/E of the dense w_s, shared neurons counted); with cost="latency", the seconds its layer takes
+on `latency_tokens` tokens in ONNX Runtime (exported for `target`, `threads` threads), measured once per layer
+shape and choice. L is the mean next-token cross-entropy on held-out windows.
 
     1. candidates   convert the model once per candidate, calibrated, every site; keep only its MoE layers
     2. reference    convert it once more with split k = E experts and no calibration: the sum of every expert is
                     the dense FFN, so this model is the dense one, with an MoE layer wherever a candidate has one
     3. sensitivity  d_s(c) = L(reference with site s's layer taken from candidate c) - L(reference)
-    4. plan         min sum_s d_s(c_s)  subject to  sum_s w_s a_s(c_s) <= budget * sum_s w_s, solved exactly by
-                    dynamic programming over the cost in FLOPs (divided by their greatest common divisor; rounded
-                    to MAX_UNITS of the total where that leaves more); or, for a quality budget, the least cost
+    4. plan         min sum_s d_s(c_s)  subject to  sum_s t_s(c_s) <= budget * sum_s t_s(dense), solved exactly
+                    by dynamic programming over integer costs (FLOPs over their greatest common divisor; otherwise
+                    rounded to MAX_UNITS of the dense total); or, for a quality budget, the least cost
                     whose predicted perplexity exp(L(reference) + sum_s d_s) is within `quality` x the reference
     5. build        convert with the plan as layer_configs and copy each site's fitted layer from its candidate,
                     then measure it: a plan predicted from single-site swaps meets the interactions of them all
@@ -22,6 +23,7 @@ measured, the uniform conversions measured in the same run, and the frontier sea
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +37,19 @@ from tqdm.auto import tqdm
 from .config import MoEConfig
 from .errors import MoECompileError
 from .example_text import score
+from .export import export
 from .model_io import Inputs
-from .passes import convert
+from .moe import MoELayer
+from .moe.ffn import DenseFFN
+from .passes import SiteReport, convert
 from .stats import model_stats, site_stats
 from .table import format_table
+from .timing import ort_session, time_round_robin
 
 DEFAULT_TOP_K = (1, 2, 4, 6)  # of 8 experts: 12.5%, 25%, 50%, 75% active
 MAX_UNITS = 100_000  # cost units of the whole FFN in the dynamic programme, at most
+COSTS = ("flops", "latency")
+LATENCY_TARGETS = ("portable", "ort")  # runnable in ONNX Runtime here; tensorrt's plugin nodes need TensorRT
 
 
 @dataclass
@@ -49,13 +57,15 @@ class SitePlan:
     site: str
     choice: str  # "dense" or "k/E"
     active: float  # share of the site's FFN each token runs
+    cost: float  # the choice's cost as a share of the site's dense cost (FLOPs: = active; or latency)
     predicted_increase: float  # d_s of the choice, in nats of held-out loss (0 for dense)
     increases: dict[str, float] = field(default_factory=dict)  # d_s of every candidate
 
 
 @dataclass
 class OptimizeReport:
-    budget: Optional[float]  # active FFN share asked for, or None for a quality budget
+    cost: str  # "flops" or "latency": what the budget is a share of
+    budget: Optional[float]  # share of the dense FFN cost asked for, or None for a quality budget
     quality: Optional[float]  # perplexity ratio asked for, or None
     dense_perplexity: float
     reference_perplexity: float  # split k = E, which should equal dense
@@ -63,34 +73,42 @@ class OptimizeReport:
     predicted_perplexity: float
     perplexity: float  # the built plan, measured
     active: float  # the built plan's active FFN share (model_stats)
-    uniform: list[dict[str, Any]]  # every candidate on every site: choice, active, perplexity (measured)
-    frontier: list[tuple[float, float]]  # (active share, predicted perplexity) of the best plan at each cost
+    predicted_cost: float  # the plan's cost as a share of the dense FFN cost (= active with cost="flops")
+    uniform: list[dict[str, Any]]  # every candidate on every site: choice, active, cost, perplexity (measured)
+    frontier: list[tuple[float, float]]  # (cost share, predicted perplexity) of the best plan at each cost
+    latency_ms: dict[str, dict[str, float]]  # cost="latency": layer shape -> choice -> milliseconds
     seconds: float
 
     def table(self) -> str:
-        ratio = self.dense_perplexity
-        rows = [("site", "plan", "active FFN", "predicted loss increase", "candidates' loss increase")]
-        rows += [(p.site, p.choice, f"{p.active:.1%}", f"{p.predicted_increase:+.4f}",
+        ratio, latency = self.dense_perplexity, self.cost == "latency"
+        rows = [("site", "plan", "active FFN", *(("FFN latency",) * latency), "predicted loss increase",
+                 "candidates' loss increase")]
+        rows += [(p.site, p.choice, f"{p.active:.1%}", *((f"{p.cost:.1%}",) * latency), f"{p.predicted_increase:+.4f}",
                   "  ".join(f"{c} {d:+.4f}" for c, d in p.increases.items())) for p in self.plan]
-        summary = [("model", "active FFN", "perplexity", "vs dense")]
-        summary.append(("dense", "100.0%", f"{self.dense_perplexity:.3f}", "1.000x"))
-        summary += [(f"uniform {u['choice']}", f"{u['active']:.1%}", f"{u['perplexity']:.3f}",
-                     f"{u['perplexity'] / ratio:.3f}x") for u in self.uniform]
-        summary.append(("plan (predicted)", f"{self.active:.1%}", f"{self.predicted_perplexity:.3f}",
-                        f"{self.predicted_perplexity / ratio:.3f}x"))
-        summary.append(("plan (measured)", f"{self.active:.1%}", f"{self.perplexity:.3f}",
-                        f"{self.perplexity / ratio:.3f}x"))
-        return f"{format_table(rows)}\n\n{format_table(summary)}"
+        summary = [("model", "active FFN", *(("FFN latency",) * latency), "perplexity", "vs dense")]
+        summary.append(("dense", "100.0%", *(("100.0%",) * latency), f"{self.dense_perplexity:.3f}", "1.000x"))
+        summary += [(f"uniform {u['choice']}", f"{u['active']:.1%}", *((f"{u['cost']:.1%}",) * latency),
+                     f"{u['perplexity']:.3f}", f"{u['perplexity'] / ratio:.3f}x") for u in self.uniform]
+        for label, perplexity in (("predicted", self.predicted_perplexity), ("measured", self.perplexity)):
+            summary.append((f"plan ({label})", f"{self.active:.1%}", *((f"{self.predicted_cost:.1%}",) * latency),
+                            f"{perplexity:.3f}", f"{perplexity / ratio:.3f}x"))
+        tables = [format_table(rows), format_table(summary)]
+        if latency:
+            choices = list(next(iter(self.latency_ms.values())))
+            tables.append(format_table([("layer shape", *(f"{c} (ms)" for c in choices))] + [
+                (shape, *(f"{ms[c]:.3f}" for c in choices)) for shape, ms in self.latency_ms.items()]))
+        return "\n\n".join(tables)
 
     def __str__(self) -> str:
         return self.table()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "quality": self.quality, "dense_perplexity": self.dense_perplexity,
-                "reference_perplexity": self.reference_perplexity,
+        return {"cost": self.cost, "budget": self.budget, "quality": self.quality,
+                "dense_perplexity": self.dense_perplexity, "reference_perplexity": self.reference_perplexity,
                 "plan": [vars(p) for p in self.plan], "predicted_perplexity": self.predicted_perplexity,
-                "perplexity": self.perplexity, "active": self.active, "uniform": self.uniform,
-                "frontier": self.frontier, "seconds": self.seconds}
+                "perplexity": self.perplexity, "active": self.active, "predicted_cost": self.predicted_cost,
+                "uniform": self.uniform, "frontier": self.frontier, "latency_ms": self.latency_ms,
+                "seconds": self.seconds}
 
     def plot(self, path: str | Path) -> Path:
         """The frontier searched (predicted), the uniform conversions and the plan (measured), as a PNG."""
@@ -103,11 +121,11 @@ class OptimizeReport:
         active, predicted = zip(*self.frontier)
         axes.plot([100 * a for a in active], [p / self.dense_perplexity for p in predicted], color="0.5",
                   label="best plan per cost (predicted)")
-        axes.plot([100 * u["active"] for u in self.uniform],
+        axes.plot([100 * u["cost"] for u in self.uniform],
                   [u["perplexity"] / self.dense_perplexity for u in self.uniform], "s", label="uniform (measured)")
-        axes.plot([100 * self.active], [self.perplexity / self.dense_perplexity], "*", markersize=12,
+        axes.plot([100 * self.predicted_cost], [self.perplexity / self.dense_perplexity], "*", markersize=12,
                   label="plan (measured)")
-        axes.set_xlabel("active FFN (%)")
+        axes.set_xlabel("FFN latency (% of dense)" if self.cost == "latency" else "active FFN (%)")
         axes.set_ylabel("perplexity / dense")
         axes.set_yscale("log")
         axes.grid(alpha=0.3)
@@ -121,18 +139,19 @@ class OptimizeReport:
 def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.Tensor, *,
              budget: Optional[float] = None, quality: Optional[float] = None,
              candidates: Optional[Sequence[MoEConfig]] = None, length: int = 128, windows: int = 16,
-             bos: Optional[int] = None, example_inputs: Optional[Inputs] = None,
+             bos: Optional[int] = None, example_inputs: Optional[Inputs] = None, cost: str = "flops",
+             target: str = "portable", threads: int = 1, latency_tokens: int = 512,
              progress: bool = True) -> tuple[nn.Module, OptimizeReport]:
-    """The converted model whose per-site settings meet `budget` (mean active FFN share, FLOP-weighted, 0 to 1)
-    at the least predicted loss, or `quality` (perplexity at most this multiple of dense) at the least cost; and
-    the report. Give exactly one of the two.
+    """The converted model whose per-site settings meet `budget` (share of the dense FFN cost, 0 to 1: FLOPs, or
+    ONNX Runtime latency with cost="latency") at the least predicted loss, or `quality` (perplexity at most this
+    multiple of dense) at the least cost; and the report. Give exactly one of the two.
 
     calibration_data: batches, as for convert. held_out: token ids [n], scored in `windows` windows of `length`
     (each led by `bos` when given), apart from the calibration text. candidates: split MoEConfigs a site may take
     (default k of 8 experts for k in 1, 2, 4, 6, calibrated defaults); a site may always stay dense.
     """
     start = time.perf_counter()
-    candidates = _checked(budget, quality, candidates)
+    candidates = _checked(budget, quality, candidates, cost, target, threads, latency_tokens)
     batches = list(calibration_data)
     evaluate = _Scorer(held_out, length, windows, bos)
     converted = []
@@ -161,9 +180,15 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
         steps.update()
     steps.close()
 
-    weights = np.array([site_stats(site, None).dense_flops for site in sites], dtype=float)
     shares = np.array([[site_stats(site, c.config).active_fraction for c in converted] for site in sites])
-    choices, best = _plan(increases, shares, weights, budget, quality)
+    if cost == "flops":
+        dense_flops = np.array([[site_stats(site, None).dense_flops] for site in sites], dtype=float)
+        costs, latency_ms = dense_flops * np.concatenate([np.ones((len(sites), 1)), shares], axis=1), {}
+    else:
+        costs, latency_ms = _latencies(sites, reference, converted, target, threads, latency_tokens, progress)
+    for j, entry in enumerate(uniform):
+        entry["cost"] = float(costs[:, j + 1].sum() / costs[:, 0].sum())
+    choices, frontier = _plan(increases, costs, budget, quality)
     choice_of = {site.name: j for site, j in zip(sites, choices)}
     plan_configs = {name: None if j < 0 else converted[j].config for name, j in choice_of.items()}
     base = converted[max(set(choices) - {-1}, key=choices.count)].config  # the report's config: the most chosen
@@ -176,14 +201,17 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
 
     labels = [c.label for c in converted]
     plan = [SitePlan(site.name, "dense" if j < 0 else labels[j], 1.0 if j < 0 else float(shares[i, j]),
-                     0.0 if j < 0 else float(increases[i, j]), dict(zip(labels, map(float, increases[i]))))
+                     float(costs[i, j + 1] / costs[i, 0]), 0.0 if j < 0 else float(increases[i, j]),
+                     dict(zip(labels, map(float, increases[i]))))
             for i, (site, j) in enumerate(zip(sites, choices))]
     report = OptimizeReport(
-        budget=budget, quality=quality, dense_perplexity=math.exp(dense_loss),
+        cost=cost, budget=budget, quality=quality, dense_perplexity=math.exp(dense_loss),
         reference_perplexity=math.exp(reference_loss), plan=plan,
         predicted_perplexity=math.exp(reference_loss + sum(p.predicted_increase for p in plan)),
-        perplexity=math.exp(evaluate(built)), active=model_stats(built).active_fraction, uniform=uniform,
-        frontier=_frontier(best, reference_loss),
+        perplexity=math.exp(evaluate(built)), active=model_stats(built).active_fraction,
+        predicted_cost=float(sum(costs[i, j + 1] for i, j in enumerate(choices)) / costs[:, 0].sum()),
+        uniform=uniform,
+        frontier=[(share, math.exp(reference_loss + increase)) for share, increase in frontier], latency_ms=latency_ms,
         seconds=time.perf_counter() - start)
     return built, report
 
@@ -218,6 +246,59 @@ class _Scorer:
         return math.log(score(model, self.data, self.length, max_windows=self.windows, bos=self.bos)[0])
 
 
+class _Dense(nn.Module):
+    """The dense FFN a split layer holds, its experts' neurons side by side: for the split k = E contiguous
+    reference, exactly the site's dense FFN, timed as the cost of keeping the site dense."""
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        experts, width, d_model = layer.up_weight.shape
+
+        def joined(t: Optional[torch.Tensor]) -> Optional[nn.Parameter]:  # [E, m, ...] -> [E m, ...]
+            return None if t is None else nn.Parameter(t.detach().reshape(experts * width, *t.shape[2:]))
+
+        self.up_weight, self.up_bias = joined(layer.up_weight), joined(layer.up_bias)
+        self.gate_weight, self.gate_bias = joined(layer.gate_weight), joined(layer.gate_bias)
+        self.down_weight = nn.Parameter(layer.down_weight.detach().permute(1, 0, 2).reshape(d_model, -1))
+        self.down_bias = None if layer.output_bias is None else nn.Parameter(layer.output_bias.detach())
+        self.activation = layer.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return DenseFFN(self.up_weight, self.up_bias, self.down_weight, self.down_bias, self.activation,
+                        self.gate_weight, self.gate_bias)(x)
+
+
+def _latencies(sites: list[SiteReport], reference: nn.Module, candidates: list[_Candidate], target: str,
+               threads: int, tokens: int, progress: bool) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
+    """costs[s]: seconds of site s's layer dense, then with each candidate, on `tokens` tokens in ONNX Runtime;
+    and the milliseconds by layer shape. Each shape is exported for `target` and timed once, its choices side by
+    side in round-robin blocks."""
+    shape_of = {}
+    for site in sites:
+        layer = reference.get_submodule(site.layer)
+        shape_of[site.name] = (f"d {site.d_model}, d_ff {site.d_ff}, {'gated ' if site.gated else ''}"
+                               f"{layer.activation}{', bias' if site.bias else ''}")
+    first = {shape: next(s for s in sites if shape_of[s.name] == shape) for shape in dict.fromkeys(shape_of.values())}
+    seconds = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for i, (shape, site) in enumerate(tqdm(first.items(), desc="timing layers", unit="shape",
+                                               disable=not progress)):
+            x = torch.randn(1, tokens, site.d_model, generator=torch.Generator().manual_seed(0))
+            modules = [_Dense(reference.get_submodule(site.layer))] + [c.layers[site.name] for c in candidates]
+            calls = {}
+            for j, module in enumerate(modules):
+                path = Path(workdir) / f"{i}-{j}.onnx"
+                export(module, x, path, target=target)
+                session = ort_session(path, threads)
+                calls[j] = lambda session=session, feed={session.get_inputs()[0].name: x.numpy()}: \
+                    session.run(None, feed)
+            timed = time_round_robin(calls, blocks=5, per_block=3)
+            seconds[shape] = [timed[j] for j in range(len(modules))]
+    labels = ["dense"] + [c.label for c in candidates]
+    latency_ms = {shape: {label: 1e3 * t for label, t in zip(labels, times)} for shape, times in seconds.items()}
+    return np.array([seconds[shape_of[site.name]] for site in sites]), latency_ms
+
+
 class _swapped:
     """Within the block, the given submodules (qualified name -> module) stand in for the model's own."""
 
@@ -234,8 +315,16 @@ class _swapped:
             self.model.set_submodule(name, module)
 
 
-def _checked(budget: Optional[float], quality: Optional[float],
-             candidates: Optional[Sequence[MoEConfig]]) -> list[MoEConfig]:
+def _checked(budget: Optional[float], quality: Optional[float], candidates: Optional[Sequence[MoEConfig]],
+             cost: str, target: str, threads: int, latency_tokens: int) -> list[MoEConfig]:
+    if cost not in COSTS:
+        raise ValueError(f"optimize: cost={cost!r} is unknown; use 'flops' (the FFN FLOPs per token) or 'latency' "
+                         "(each layer timed in ONNX Runtime).")
+    if cost == "latency" and target not in LATENCY_TARGETS:
+        raise ValueError(f"optimize: cost='latency' times layers in ONNX Runtime, which runs target 'portable' or "
+                         f"'ort', not {target!r} (TensorRT plugin nodes need TensorRT). Time with target='portable'.")
+    if cost == "latency" and (threads < 1 or latency_tokens < 1):
+        raise ValueError(f"optimize: threads={threads} and latency_tokens={latency_tokens} must be positive.")
     if (budget is None) == (quality is None):
         raise ValueError("optimize: give exactly one of budget= (the active FFN share, e.g. 0.5) and quality= (the "
                          "perplexity allowed as a multiple of dense, e.g. 1.5).")
@@ -257,28 +346,32 @@ def _checked(budget: Optional[float], quality: Optional[float],
     return candidates
 
 
-def _plan(increases: np.ndarray, shares: np.ndarray, weights: np.ndarray, budget: Optional[float],
-          quality: Optional[float]) -> tuple[list[int], np.ndarray]:
-    """Each site's choice in the plan (-1 dense, else a candidate's column), and the best loss at every cost."""
-    best, choose, cost = _plans(increases, shares, weights)
-    choices = _backtrack(choose, cost, _chosen_cost(best, budget, quality))
+def _plan(increases: np.ndarray, costs: np.ndarray, budget: Optional[float],
+          quality: Optional[float]) -> tuple[list[int], list[tuple[float, float]]]:
+    """Each site's choice in the plan (-1 dense, else a candidate's column), and the frontier searched.
+    increases[s, j]: candidate j's loss increase at site s; costs[s]: dense, then each candidate."""
+    best, choose, cost = _plans(increases, costs)
+    whole = int(cost[:, 0].sum())
+    choices = _backtrack(choose, cost, _chosen_cost(best, whole, budget, quality))
     if all(j < 0 for j in choices):
-        raise MoECompileError(f"optimize: within quality={quality} every layer stays dense (each candidate alone "
-                              "costs more). Allow more, e.g. quality=1.5, or give candidates with more experts active.")
-    return choices, best
+        goal = f"budget={budget}" if budget is not None else f"quality={quality}"
+        raise MoECompileError(f"optimize: the best plan for {goal} keeps every layer dense (no candidate is cheaper "
+                              "and good enough). Allow more loss, e.g. quality=1.5, give candidates with more "
+                              "experts active, or, with cost='latency', time more tokens (latency_tokens).")
+    return choices, _frontier(best, whole)
 
 
-def _plans(increases: np.ndarray, shares: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _plans(increases: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dynamic programme over sites: best[u], the least sum of increases of a plan costing exactly u units (inf if
-    none does; u = len(best) - 1 is the whole FFN); choose[s, u], site s's choice in it (-1 dense, else a
+    none does; u = len(best) - 1 is the whole FFN dense); choose[s, u], site s's choice in it (-1 dense, else a
     candidate's column); cost[s, j], the units of site s with choice j (column 0 dense, then the candidates)."""
-    cost = _units(np.concatenate([np.ones((len(weights), 1)), shares], axis=1), weights)
-    gain = np.concatenate([np.zeros((len(weights), 1)), increases], axis=1)
-    size = int(cost[:, 0].sum()) + 1
+    cost = _units(costs)
+    gain = np.concatenate([np.zeros((len(costs), 1)), increases], axis=1)
+    size = max(int(cost[:, 0].sum()), int(cost.max(axis=1).sum())) + 1  # a candidate may be slower than dense
     best = np.full(size, np.inf)
     best[0] = 0.0
-    choose = np.full((len(weights), size), -1, dtype=np.int8)
-    for s in range(len(weights)):
+    choose = np.full((len(costs), size), -1, dtype=np.int8)
+    for s in range(len(costs)):
         new = np.full(size, np.inf)
         for j in range(cost.shape[1]):
             shifted = np.full(size, np.inf)
@@ -289,16 +382,16 @@ def _plans(increases: np.ndarray, shares: np.ndarray, weights: np.ndarray) -> tu
     return best, choose, cost
 
 
-def _chosen_cost(best: np.ndarray, budget: Optional[float], quality: Optional[float]) -> int:
-    """The cost (units) of the plan: the best within the budget, or the cheapest within the quality."""
-    whole = len(best) - 1
+def _chosen_cost(best: np.ndarray, whole: int, budget: Optional[float], quality: Optional[float]) -> int:
+    """The cost (units) of the plan: the best within the budget (a share of `whole`, the all-dense cost), or the
+    cheapest within the quality."""
     if budget is not None:
         within = best[:int(budget * whole + 1e-9) + 1]
         if not np.isfinite(within).any():
             cheapest = int(np.argmax(np.isfinite(best)))
             raise MoECompileError(f"optimize: no plan meets budget={budget}: the cheapest, every site on its "
-                                  f"cheapest candidate, runs {cheapest / whole:.1%} of the FFN. Raise the budget or "
-                                  "add a candidate with fewer active experts.")
+                                  f"cheapest choice, costs {cheapest / whole:.1%} of the dense FFN. Raise the budget "
+                                  "or add a candidate with fewer active experts.")
         return int(np.argmin(within))
     return int(np.argmax(best <= math.log(quality)))  # the all-dense plan (increase 0) always qualifies
 
@@ -312,21 +405,22 @@ def _backtrack(choose: np.ndarray, cost: np.ndarray, units: int) -> list[int]:
     return choices[::-1]
 
 
-def _frontier(best: np.ndarray, reference_loss: float) -> list[tuple[float, float]]:
-    """(active share, predicted perplexity) where the best plan within a cost improves."""
+def _frontier(best: np.ndarray, whole: int) -> list[tuple[float, float]]:
+    """(cost share of dense, least loss increase) where the best plan within a cost improves."""
     points, lowest = [], math.inf
     for u in np.flatnonzero(np.isfinite(best)):
         if best[u] < lowest:
             lowest = float(best[u])
-            points.append((u / (len(best) - 1), math.exp(reference_loss + lowest)))
+            points.append((u / whole, lowest))
     return points
 
 
-def _units(shares: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Each share of a site's FFN as integer cost units: FLOPs over their greatest common divisor, or rounded to
-    MAX_UNITS of the whole FFN when the divisor leaves more."""
-    flops = np.maximum(np.rint(shares * weights[:, None]).astype(np.int64), 1)
-    exact = flops // np.gcd.reduce(flops.ravel())
-    if exact[:, 0].sum() <= MAX_UNITS:
+def _units(costs: np.ndarray) -> np.ndarray:
+    """Costs as integer units: whole numbers (FLOPs) over their greatest common divisor, or rounded to MAX_UNITS
+    of the all-dense total when they are not whole or the divisor leaves more."""
+    whole = np.array_equal(costs, np.rint(costs))
+    exact = np.maximum(np.rint(costs).astype(np.int64), 1)
+    exact //= np.gcd.reduce(exact.ravel())
+    if whole and exact[:, 0].sum() <= MAX_UNITS:
         return exact
-    return np.maximum(np.rint(flops / flops[:, 0].sum() * MAX_UNITS).astype(np.int64), 1)
+    return np.maximum(np.rint(costs / costs[:, 0].sum() * MAX_UNITS).astype(np.int64), 1)
