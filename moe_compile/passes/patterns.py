@@ -3,7 +3,8 @@
     plain   x -> up -> act [-> dropout] -> down [-> dropout]            ->  MoE(x)
     gated   x -> gate -> act --\
             x -> up -----------* [-> dropout] -> down [-> dropout]      ->  MoE(x)
-            (gate and up may be the two halves of one fused projection, chunked along the last axis: Phi-3, GLM)
+            (gate and up may be the two halves of one fused projection, chunked along the last axis: Phi-3, GLM;
+            or viewed as [..., 2, f] and indexed [..., i, :]: Moshi)
 
 where up, gate and down are projections (nn.Linear, Conv1D, ...), act is any node that computes a known
 activation (a module such as nn.GELU or NewGELUActivation, F.gelu(..., approximate=...), F.silu, x.relu(), ...)
@@ -243,13 +244,14 @@ def _match_gated(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatc
 
 def _fused_halves(gate: fx.Node, up: fx.Node,
                   root: nn.Module) -> Optional[tuple[fx.Node, Projection, Projection, list[fx.Node]]]:
-    """(fused projection node, gate half, up half, the chunk and getitem nodes) when gate and up are the two
-    halves of one projection's output: p(x).chunk(2, -1), or torch.split(p(x), f, -1)."""
+    """(fused projection node, gate half, up half, the split and getitem nodes) when gate and up are the two
+    halves of one projection's output: p(x).chunk(2, -1), torch.split(p(x), f, -1), or p(x).view(..., 2, -1)
+    indexed [..., i, :] (Moshi)."""
     halves = []
     for node in (gate, up):
         if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
             return None
-        halves.append((node.args[0], node.args[1]))
+        halves.append((node.args[0], _half_index(node.args[0], node.args[1])))
     (split, i_gate), (other, i_up) = halves
     if split is not other or {i_gate, i_up} != {0, 1} or not split.args or not isinstance(split.args[0], fx.Node):
         return None
@@ -264,11 +266,47 @@ def _fused_halves(gate: fx.Node, up: fx.Node,
         bias = None if projection.bias is None else projection.bias[rows]
         return Projection(projection.weight[rows], bias, projection.kind)
 
-    return projection_node, half(i_gate), half(i_up), [split, gate, up]
+    shape_reads = _shape_reads(projection_node, split) if split.target in _VIEWS else []
+    if shape_reads is None:
+        return None
+    return projection_node, half(i_gate), half(i_up), [*shape_reads, split, gate, up]
+
+
+def _shape_reads(projection: fx.Node, view: fx.Node) -> Optional[list[fx.Node]]:
+    """The nodes that read the projection's shape for the view's sizes (p.shape, p.size() and their items), or
+    None when the projection, or a size read off it, has a user outside them and the view."""
+    reads, todo = [], [u for u in projection.users if u is not view]
+    while todo:
+        node = todo.pop()
+        if not (node.op == "call_function" and (node.target is operator.getitem or
+                                                 node.target is getattr and node.args[1:] == ("shape",))
+                or node.op == "call_method" and node.target == "size"):
+            return None
+        reads.append(node)
+        todo += [u for u in node.users if u is not view]
+    return reads
+
+
+_VIEWS = ("view", "reshape", torch.reshape)
+
+
+def _half_index(split: fx.Node, index) -> Optional[int]:
+    """Which half a getitem takes: chunk(...)[i], or view(..., 2, f)[..., i, :] (its second-last axis)."""
+    if split.target not in _VIEWS:
+        return index if isinstance(index, int) else None
+    full = slice(None, None, None)
+    if isinstance(index, tuple) and len(index) == 3 and index[0] is Ellipsis and index[2] == full:
+        return index[1] if isinstance(index[1], int) else None
+    return None
 
 
 def _halves_last_axis(split: fx.Node, out_features: int) -> bool:
-    """Whether `split` cuts its input into two equal halves along the last axis."""
+    """Whether `split` cuts its input into two equal halves along the last axis (a view, into a new
+    second-last axis of 2)."""
+    if split.target in _VIEWS:
+        shape = split.args[1:] if len(split.args) > 2 else split.args[1] if len(split.args) == 2 else ()
+        shape = list(shape) if isinstance(shape, (list, tuple)) else []
+        return len(shape) >= 2 and shape[-2] == 2 and shape[-1] in (-1, out_features // 2)
     args, kwargs = list(split.args[1:]), dict(split.kwargs)
     dim = kwargs.pop("dim", args.pop(1) if len(args) > 1 else 0)
     if dim not in (-1, 2) or not args:

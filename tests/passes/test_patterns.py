@@ -399,3 +399,31 @@ def test_model_that_is_an_ffn():
     x = torch.randn(3, D)
     with torch.no_grad():
         assert (converted(x) - model(x)).abs().max() <= 1e-5
+
+
+class ViewedHalves(nn.Module):
+    """Moshi's gated FFN: one projection viewed as [batch, seq, 2, f], gate and up indexed [..., i, :]; with
+    `leak`, the batch size read off the projection is also used after the FFN."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        self.fc1, self.fc2, self.leak = nn.Linear(D, 2 * H, bias=False), nn.Linear(H, D, bias=False), leak
+
+    def forward(self, x):
+        h = self.fc1(x)
+        batch, seq, _ = h.shape
+        h = h.view(batch, seq, 2, -1)
+        y = self.fc2(F.gelu(h[..., 0, :]) * h[..., 1, :])
+        return y * batch if self.leak else y
+
+
+def test_halves_of_a_viewed_projection_are_gate_and_up():
+    model = ViewedHalves().eval()
+    converted = convert(model, MoEConfig(experts="split", num_experts=4, top_k=4))
+    (site,) = converted.moe_report.converted
+    assert site.gated and site.d_ff == H
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-5
+    leaking = find_ffn_blocks(ViewedHalves(leak=True).eval())
+    assert leaking.sites == []  # its size is read outside the FFN: the projection cannot be replaced
