@@ -63,8 +63,11 @@ class Generator:
     """An exported decoder directory loaded in ONNX Runtime, ready to generate."""
 
     def __init__(self, directory: Union[str, os.PathLike], threads: Optional[int] = None,
-                 providers: Optional[list[str]] = None):
+                 providers: Optional[list[str]] = None, routing: bool = False):
+        """routing=True: every step also returns the graph's routing selections (for check_generation)."""
         import onnxruntime as ort
+
+        from .parity import session_with_selections
 
         self.directory = Path(directory)
         metadata_path = self.directory / METADATA_FILE
@@ -78,8 +81,12 @@ class Generator:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(os.fspath(self.directory / self.metadata["model_file"]), options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        model_file = os.fspath(self.directory / self.metadata["model_file"])
+        if routing:
+            self.session, self.selections = session_with_selections(model_file, options, providers)
+        else:
+            self.session, self.selections = ort.InferenceSession(
+                model_file, options, providers=providers or ["CPUExecutionProvider"]), []
         self._ort = ort
         self.dtype = _NUMPY_DTYPES[self.metadata["dtype"]]
         self.past_names = self.metadata["inputs"][3 if self.metadata["position_ids"] else 2:]
@@ -148,7 +155,7 @@ class Generator:
         step_times, first = [], 0.0
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            logits, cache = self._step(tokens, mask, cache)
+            logits, cache, _ = self._step(tokens, mask, cache)
             picked = _pick(logits[:, -1].astype(np.float64), do_sample, temperature, top_k, top_p, rng)
             picked = np.where(finished, self.pad_token, picked)
             elapsed = time.perf_counter() - start
@@ -176,8 +183,9 @@ class Generator:
         empty = np.zeros((batch, self.metadata["kv_heads"], 0, self.metadata["head_dim"]), dtype=self.dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
 
-    def _step(self, tokens: np.ndarray, mask: np.ndarray, cache: list) -> tuple[np.ndarray, list]:
-        """One decoder call on `tokens` [b, s] (the last s positions of `mask`) -> (logits, present cache)."""
+    def _step(self, tokens: np.ndarray, mask: np.ndarray, cache: list) -> tuple[np.ndarray, list, list]:
+        """One decoder call on `tokens` [b, s] (the last s positions of `mask`) -> (logits, present cache, routing
+        selections: empty unless the generator was made with routing=True)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
@@ -187,24 +195,26 @@ class Generator:
         for name, value in zip(self.past_names, cache):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits")
-        for name in self.present_names:
+        for name in [*self.present_names, *self.selections]:
             binding.bind_output(name)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
+        cached = len(self.present_names) + 1
+        return outputs[0].numpy(), list(outputs[1:cached]), [value.numpy() for value in outputs[cached:]]
 
-    def teacher_forced_logits(self, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
+    def teacher_forced(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[np.ndarray, list[list]]:
         """Logits [len(continuation) + 1, vocab] of one sequence: the prefill's last position, then one decode step
-        per token of `continuation` (the logits after feeding it)."""
+        per token of `continuation` (the logits after feeding it); and each call's routing selections."""
         tokens = np.asarray([list(prompt)], dtype=np.int64)
         mask = np.ones_like(tokens)
-        logits, cache = self._step(tokens, mask, self._empty_cache(1))
-        rows = [logits[0, -1]]
+        logits, cache, selections = self._step(tokens, mask, self._empty_cache(1))
+        rows, routed = [logits[0, -1]], [selections]
         for token in continuation:
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-            logits, cache = self._step(np.asarray([[token]], dtype=np.int64), mask, cache)
+            logits, cache, selections = self._step(np.asarray([[token]], dtype=np.int64), mask, cache)
             rows.append(logits[0, -1])
-        return np.stack(rows).astype(np.float32)
+            routed.append(selections)
+        return np.stack(rows).astype(np.float32), routed
 
 
 def _pick(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float,

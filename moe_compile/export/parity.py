@@ -107,16 +107,17 @@ class ParityReport:
                   "-" if o.top1 is None else f"{o.top1:.2%}", f"{o.bound:.3g}", "PASS" if o.passed else "FAIL")
                  for o in self.outputs]
         text = format_table(rows, f"parity: {self.onnx_path} in {self.runtime} vs eager PyTorch, dtype={self.dtype}")
-        if self.routing is not None:
-            r = self.routing
-            text += (f"\nrouting: {r.agreed} of {r.choices} routing choices ({r.share:.2%}, {r.selections} selections) "
-                     "agree with eager")
-        elif self.routing_note:
-            text += f"\nrouting: {self.routing_note}"
-        return text
+        return text + _routing_line(self.routing, self.routing_note)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _routing_line(routing: Optional[RoutingAgreement], note: str) -> str:
+    if routing is not None:
+        return (f"\nrouting: {routing.agreed} of {routing.choices} routing choices ({routing.share:.2%}, "
+                f"{routing.selections} selections) agree with eager")
+    return f"\nrouting: {note}" if note else ""
 
 
 def check_parity(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Inputs, *,
@@ -177,6 +178,19 @@ def _run_onnxruntime(onnx_path, inputs: list[torch.Tensor]) -> tuple[dict[str, n
                                                                        torch.dtype]:
     """({name: value} of every output of the ONNX file, the routing selections of the graph in graph order, the
     first output's dtype) in ONNX Runtime: one session of the file with the selections as extra outputs."""
+    session, selections = session_with_selections(onnx_path)
+    session_inputs = session.get_inputs()
+    if len(session_inputs) != len(inputs):
+        raise ValueError(f"check_parity: {onnx_path} takes {len(session_inputs)} inputs "
+                         f"({', '.join(i.name for i in session_inputs)}), got {len(inputs)}.")
+    values = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, inputs)})
+    outputs = session.get_outputs()[:len(values) - len(selections)]
+    return ({o.name: np.asarray(v) for o, v in zip(outputs, values)}, values[len(outputs):],
+            _ORT_TYPES.get(outputs[0].type, torch.float32))
+
+
+def session_with_selections(onnx_path, options=None, providers: Optional[list[str]] = None):
+    """(an ONNX Runtime session of the file whose last outputs are its routing selections, their names)."""
     try:
         import onnxruntime as ort
     except ImportError as error:
@@ -192,18 +206,11 @@ def _run_onnxruntime(onnx_path, inputs: list[torch.Tensor]) -> tuple[dict[str, n
     else:
         source = model.SerializeToString()
     try:
-        session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
     finally:
         if external:
             os.remove(source)
-    session_inputs = session.get_inputs()
-    if len(session_inputs) != len(inputs):
-        raise ValueError(f"check_parity: {onnx_path} takes {len(session_inputs)} inputs "
-                         f"({', '.join(i.name for i in session_inputs)}), got {len(inputs)}.")
-    values = session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session_inputs, inputs)})
-    outputs = session.get_outputs()[:len(values) - len(selections)]
-    return ({o.name: np.asarray(v) for o, v in zip(outputs, values)}, values[len(outputs):],
-            _ORT_TYPES.get(outputs[0].type, torch.float32))
+    return session, selections
 
 
 def routing_selections(model: onnx.ModelProto) -> list[str]:
@@ -263,6 +270,8 @@ class GenerationParity:
     token_agreement: float = 1.0  # share of steps whose greedy token equals eager's
     mismatches: list[dict[str, Any]] = field(default_factory=list)  # prompt, step, eager, onnx, eager's top-2 gap
     runtime: str = "ONNX Runtime (CPU)"
+    routing: Optional[RoutingAgreement] = None  # every step's routing choices (prefill: every prompt token)
+    routing_note: str = ""
 
     @property
     def near_ties(self) -> int:
@@ -274,15 +283,17 @@ class GenerationParity:
         return self.max_abs <= self.bound and self.near_ties == len(self.mismatches)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "near_ties": self.near_ties, "passed": self.passed}
+        routing = None if self.routing is None else dict(asdict(self.routing), share=self.routing.share)
+        return {**asdict(self), "routing": routing, "near_ties": self.near_ties, "passed": self.passed}
 
     def table(self) -> str:
         rows = [("prompts", "steps", "max abs", "max rel", "bound", "greedy = eager", "near ties", "result"),
                 (str(self.prompts), str(self.steps), f"{self.max_abs:.3g}", f"{self.max_rel:.3g}", f"{self.bound:.3g}",
                  f"{self.token_agreement:.2%}", str(self.near_ties), "PASS" if self.passed else "FAIL")]
-        return format_table(rows, f"generation parity: {self.directory} in {self.runtime} vs eager PyTorch, "
+        text = format_table(rows, f"generation parity: {self.directory} in {self.runtime} vs eager PyTorch, "
                                   f"dtype={self.dtype} (prefill + decode steps through the KV cache, "
                                   "teacher-forced on eager's greedy tokens)")
+        return text + _routing_line(self.routing, self.routing_note)
 
     def __str__(self) -> str:
         return self.table()
@@ -296,7 +307,7 @@ def check_generation(model: nn.Module, directory: Union[str, os.PathLike], promp
     greedy token equal eager's unless eager's two best logits are within that bound (a near tie, reported)."""
     from .generate import Generator
 
-    generator = Generator(directory)
+    generator = Generator(directory, routing=True)
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     elif isinstance(prompts, tuple) and len(prompts) == 1 and isinstance(prompts[0], torch.Tensor):
@@ -304,13 +315,18 @@ def check_generation(model: nn.Module, directory: Union[str, os.PathLike], promp
     tolerance = tolerance if tolerance is not None else TOLERANCES[getattr(torch, generator.metadata["dtype"])]
     report = GenerationParity(os.fspath(directory), generator.metadata["dtype"], tolerance, steps, len(prompts))
     errors, scale, agreed = [], 0.0, 0
+    graph_choices, eager_choices = [], []
     was_training = model.training
     model.eval()
     try:
         for index, prompt in enumerate(prompts):
-            eager = _eager_greedy(model, list(prompt), steps)  # [steps, vocab]
+            eager, eager_steps = _eager_greedy(model, list(prompt), steps)  # [steps, vocab], choices per step
             tokens = eager.argmax(-1)
-            got = generator.teacher_forced_logits(prompt, tokens[:-1].tolist()).astype(np.float64)
+            got, graph_steps = generator.teacher_forced(prompt, tokens[:-1].tolist())
+            got = got.astype(np.float64)
+            for step, (graph_step, eager_step) in enumerate(zip(graph_steps, eager_steps)):
+                graph_choices += graph_step  # a decode step routes the new token: eager's last row
+                eager_choices += eager_step if step == 0 else [choices[-1:] for choices in eager_step]
             errors.append(float(np.abs(got - eager).max()))
             scale = max(scale, float(np.abs(eager).max()))
             for step, (want_token, got_token) in enumerate(zip(tokens, got.argmax(-1))):
@@ -326,15 +342,27 @@ def check_generation(model: nn.Module, directory: Union[str, os.PathLike], promp
     report.max_rel = report.max_abs / scale if scale > 0 else report.max_abs
     report.bound = scaled_bound(tolerance, scale)
     report.token_agreement = agreed / (steps * len(prompts))
+    if generator.selections:
+        report.routing, report.routing_note = routing_agreement(graph_choices, eager_choices)
+    else:
+        report.routing_note = "no routing selection in the file (no MoE layer, or com.microsoft.MoE routes inside)"
     return report
 
 
-def _eager_greedy(model: nn.Module, prompt: list[int], steps: int) -> np.ndarray:
-    """Eager logits [steps, vocab] of greedy decoding, each step a full forward over the sequence so far."""
-    sequence, rows = torch.tensor([prompt]), []
-    with torch.no_grad():
-        for _ in range(steps):
-            last = ModelCall(model).named(as_model_inputs((sequence,), "check_generation"))["logits"][0, -1]
-            rows.append(last.double())
-            sequence = torch.cat([sequence, last.argmax().view(1, 1)], dim=1)
-    return torch.stack(rows).cpu().numpy()
+def _eager_greedy(model: nn.Module, prompt: list[int], steps: int) -> tuple[np.ndarray, list[list[torch.Tensor]]]:
+    """Eager logits [steps, vocab] of greedy decoding, each step a full forward over the sequence so far, and each
+    step's routing choices (token choice: [tokens, k] per router call)."""
+    sequence, rows, choices = torch.tensor([prompt]), [], []
+    hooks = [m.register_forward_hook(lambda module, args, out: choices[-1].append(out.dispatch.choices))
+             for m in model.modules() if isinstance(m, Router)]
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                choices.append([])
+                last = ModelCall(model).named(as_model_inputs((sequence,), "check_generation"))["logits"][0, -1]
+                rows.append(last.double())
+                sequence = torch.cat([sequence, last.argmax().view(1, 1)], dim=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(rows).cpu().numpy(), choices

@@ -82,6 +82,12 @@ def test_decoder_matches_eager_at_every_step(exported_decoder, family, conversio
     parity = moe_compile.check_parity(model, directory, PROMPTS)  # a directory: generation parity, 32 steps
     assert parity.passed, parity.table()
     assert parity.max_abs <= 1e-5 and parity.token_agreement == 1.0, parity.table()
+    if conversion == "dense":
+        assert parity.routing is None and "no routing selection" in parity.routing_note
+    else:  # every layer's choices at the prefill and at each of the 32 steps, per prompt
+        layers = len(model.moe_report.converted)
+        assert parity.routing.selections == len(PROMPTS) * 32 * layers, parity.table()
+        assert parity.routing.share == 1.0, parity.table()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3"])
@@ -196,6 +202,7 @@ def test_wrong_tokens_fail_generation_parity(exported_decoder):
     other = convert(build("llama", seed=1), **SPLIT)
     parity = moe_compile.check_generation(other, directory, PROMPTS, steps=4)
     assert not parity.passed and parity.max_abs > 1e-2
+    assert parity.routing.share < 1.0  # another router's weights choose other experts
     assert parity.mismatches and parity.near_ties < len(parity.mismatches)
 
 
