@@ -57,11 +57,6 @@ def test_a_mamba2_mixer_keeps_its_inner_width():
     assert config.num_heads * config.head_dim == config.expand * config.hidden_size
 
 
-def test_models_without_ffn_shaped_weights_are_counted_apart(hf_gpt2):
-    torch = pytest.importorskip("torch")
-    mamba = transformers.MambaForCausalLM(hf_coverage.shrink(transformers.AutoConfig.for_model("mamba")))
-    assert not hf_coverage.has_ffn_shapes(mamba)
-    assert hf_coverage.has_ffn_shapes(hf_gpt2)  # Conv1D [d, f] and [f, d]
-    assert hf_coverage.has_ffn_shapes(torch.nn.Sequential(torch.nn.Conv1d(8, 32, 1), torch.nn.Conv1d(32, 8, 1)))
+def test_state_space_models_are_counted_apart():
     row = hf_coverage.run_one("causal-lm", "mamba", "MambaForCausalLM")
     assert row["status"] == "no FFN", row
