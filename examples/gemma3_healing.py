@@ -3,6 +3,8 @@
     python examples/gemma3_healing.py --tokens 102400               # needs the `gguf` extra (and `plot` for the PNG)
     python examples/gemma3_healing.py --tokens 245760 --fractions 0.5 --skip-baseline    # a longer run, at 50%
     python examples/gemma3_healing.py --tokens 102400 --fractions   # the pruned baseline alone, added to its run
+    python examples/gemma3_healing.py --tokens 102400 --fractions 0.5 --skip-baseline \
+        --plan ~/.cache/moe_compile/gemma3-optimize/plan                # an optimize plan beside uniform 8/4
     python examples/gemma3_healing.py --report-only                 # rewrite the docs from the saved results
 
 Per active FFN fraction F (k = F * 8 of 8 split experts, calibrated with the defaults on 4,096 tokens of prose):
@@ -11,7 +13,8 @@ BOS first) and on held-out code (standard-library source), then `moe_compile.hea
 logits at 64 sampled positions per window plus every block's output) on --tokens tokens of the training prose and
 as much training code, with the held-out prose perplexity measured along the way. The baseline at F = 50%: the
 dense MLPs pruned in width to as many neurons (the half with the largest mean contribution on the calibration
-batches, as smaller Linear layers), their weights healed with the same budget. Dense is measured in every run.
+batches, as smaller Linear layers), their weights healed with the same budget. --plan: saved converted models
+(examples/gemma3_optimize.py writes its per-layer plan) healed the same way. Dense is measured in every run.
 Writes docs/gemma3_healing_<tokens>.json (a later run with the same --tokens adds or replaces its rows), then
 docs/gemma3_healing.md and .png from every run's result present.
 """
@@ -102,9 +105,13 @@ def run(args: argparse.Namespace) -> dict:
     print(f"dense: {result['dense']}", flush=True)
     plans = [(f"split 8/{round(8 * f)}", f) for f in args.fractions] + ([] if args.skip_baseline else
                                                                          [("pruned to 50%", 0.5)])
+    plans += [(f"optimize plan ({Path(directory).name})", directory) for directory in args.plan]
     for name, fraction in plans:
         start = time.perf_counter()
-        if name.startswith("pruned"):
+        if name.startswith("optimize"):
+            moe, fields, trained = mc.load(fraction), {"plan": str(fraction)}, "moe"
+            active = mc.model_stats(moe).active_fraction
+        elif name.startswith("pruned"):
             moe, trained = pruned(dense, calibration, fraction)
             fields, active = {"keep": fraction}, fraction
         else:
@@ -136,7 +143,8 @@ def section(result: dict) -> str:
             ppl = row[stage]
             healing = "-" if stage == "before" else f"{row['heal_tokens']:,} tokens, {row['heal_s'] / 60:.1f} min"
             lines.append((f"{row['model']} ({'calibrated' if stage == 'before' else 'healed'})",
-                          f"{row['active']:.0%}", f"{row['convert_s']:.0f} s", healing,
+                          f"{row['active']:.0%}", "-" if "plan" in row["config"] else f"{row['convert_s']:.0f} s",
+                          healing,
                           f"{ppl['prose']:.2f}", f"{ppl['prose'] / dense['prose']:.2f}x",
                           f"{ppl['code']:.2f}", f"{ppl['code'] / dense['code']:.2f}x"))
     curve = [("tokens", *(row["model"] for row in result["rows"]))]
@@ -213,6 +221,8 @@ def main() -> int:
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.5, 0.25],
                         help="active FFN fractions of the split models (none: the baseline alone)")
     parser.add_argument("--skip-baseline", action="store_true", help="leave out the pruned baseline")
+    parser.add_argument("--plan", nargs="*", default=[], metavar="DIR",
+                        help="saved converted models to heal as well (e.g. examples/gemma3_optimize.py's plan)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs from the saved JSON")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
