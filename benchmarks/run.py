@@ -65,16 +65,11 @@ def _quiet() -> None:
     logging.disable(logging.WARNING)
 
 
-def layer_variants(sizes: Sizes) -> dict[str, tuple]:
-    """name -> (module, kind, ideal ratio); kind 'onnx' (exported with the default target, run in ONNX Runtime),
-    'ort-op' (target ort, com.microsoft.MoE), 'eager', or 'both' (timed eager and in ONNX Runtime)."""
+def dense_ffn(sizes: Sizes):
+    """One GPT-2-small FFN, y = W_2 gelu_tanh(W_1 x + b_1) + b_2 (seeded init), as a model's `mlp` attribute."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-
-    import moe_compile as mc
-    from peers import EveryExpert, GroupedMM, HFLoop
-    from moe_compile.moe.dispatch import run_experts
 
     class FFN(nn.Module):
         def __init__(self):
@@ -92,6 +87,19 @@ def layer_variants(sizes: Sizes) -> dict[str, tuple]:
         def forward(self, x):
             return self.mlp(x)
 
+    torch.manual_seed(0)
+    return Holder().eval()
+
+
+def layer_variants(sizes: Sizes) -> dict[str, tuple]:
+    """name -> (module, kind, ideal ratio); kind 'onnx' (exported with the default target, run in ONNX Runtime),
+    'ort-op' (target ort, com.microsoft.MoE), 'eager', or 'both' (timed eager and in ONNX Runtime)."""
+    import torch.nn as nn
+
+    import moe_compile as mc
+    from peers import EveryExpert, GroupedMM, HFLoop
+    from moe_compile.moe.dispatch import run_experts
+
     class RoutingOnly(nn.Module):
         """The split layer's routing, dispatch and combine with identity experts."""
 
@@ -104,8 +112,7 @@ def layer_variants(sizes: Sizes) -> dict[str, tuple]:
             y, _ = run_experts(flat, self.layer.router(x).dispatch, lambda e, rows: rows, weighted=False)
             return y.view(x.shape)
 
-    torch.manual_seed(0)
-    dense = Holder().eval()
+    dense = dense_ffn(sizes)
 
     def moe(**fields):
         config = mc.MoEConfig(**{"num_experts": 8, "top_k": 2, "split_strategy": "contiguous", **fields})

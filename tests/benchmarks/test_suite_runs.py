@@ -37,3 +37,12 @@ def test_tiny_decode_benchmark_writes_results(tmp_path):
                                                             ("upcycle 8/2", "onnxruntime"), ("dense", "eager")}
     assert all(r["per_token_ms"] > 0 and r["ttft_ms"] > 0 for r in rows)
     assert any("prefill_amdahl_bound" in r for r in rows) and (tmp_path / "decode.png").stat().st_size > 0
+
+
+def test_tiny_granularity_benchmark_writes_results(tmp_path):
+    subprocess.run([sys.executable, str(RUNNER.parent / "granularity.py"), "--tiny", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    results = json.loads((tmp_path / "granularity.json").read_text())
+    assert [row["layer"] for row in results["rows"]] == ["dense FFN", "split 8/2", "split 16/4"]
+    assert all(row["ms"]["32"] > 0 for row in results["rows"])
+    assert all(sum(row["phases_ms"].values()) > 0 and row["one_pass_ms"] >= 0 for row in results["rows"][1:])
