@@ -7,6 +7,7 @@ from .export import ExportReport, Generator, ParityReport, check_generation, che
 from .heal import HealingError, HealReport, heal
 from .hf_checkpoint import HFCheckpoint, convert_hf_checkpoint, save_hf
 from .moe import MoELayer, RoutingStats, aux_loss, routing_stats
+from .moe.quantize import quantize_experts
 from .optimize import OptimizeReport, optimize
 from .passes import ConversionReport, SiteReport, convert, find_ffn_blocks
 from .serialization import load, save
@@ -18,4 +19,5 @@ __all__ = ["ConversionReport", "ExportReport", "Generator", "HFCheckpoint", "HFC
            "HealingError", "LoweringError", "MoECompileError", "MoEConfig", "MoELayer", "ModelStats",
            "NoFFNFoundError", "OptimizeReport", "ParityReport", "RecipeError", "RoutingStats", "SiteReport",
            "SiteStats", "aux_loss", "check_generation", "check_parity", "convert", "convert_hf_checkpoint", "export",
-           "find_ffn_blocks", "generate", "heal", "load", "model_stats", "optimize", "routing_stats", "save", "save_hf"]
+           "find_ffn_blocks", "generate", "heal", "load", "model_stats", "optimize", "quantize_experts",
+           "routing_stats", "save", "save_hf"]

@@ -2,7 +2,8 @@
 
     moe-compile inspect (--example NAME | --checkpoint FILE | --hf DIR | --gguf FILE | --model DIR) [MoEConfig flags]
     moe-compile convert (--example NAME | --checkpoint FILE | --hf DIR | --gguf FILE) --out DIR
-                        [--format moe_compile|hf] [--calibrate | --calibration-text FILE ...] [MoEConfig flags]
+                        [--format moe_compile|hf] [--calibrate | --calibration-text FILE ...]
+                        [--expert-bits 4|8 --block-size B] [MoEConfig flags]
     moe-compile eval (--checkpoint FILE | --hf DIR | --gguf FILE | --example NAME) [--active F ...] [--text FILE ...]
                      [--no-calibration | --calibration-text FILE ...] [--json FILE] [MoEConfig flags]
     moe-compile optimize (--checkpoint FILE | --hf DIR | --gguf FILE | --example NAME) (--budget F | --quality Q)
@@ -48,6 +49,7 @@ from .example_models import EXAMPLE_MODELS, build_example, load_checkpoint
 from .example_text import calibration_batches, score, stdlib_text, token_ids
 from .heal import LOSSES, heal
 from .hf_checkpoint import convert_hf_checkpoint
+from .moe.quantize import quantize_experts
 from .optimize import COSTS, LATENCY_TARGETS, optimize
 from .passes import convert, find_ffn_blocks
 from .serialization import RECIPE_FILE, load, save
@@ -118,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="build split experts from activations on calibration text (the standard library's "
                            "source unless --calibration-text is given)")
     _add_calibration_flags(conv)
+    conv.add_argument("--expert-bits", type=int, choices=(4, 8),
+                      help="round the experts' weights to 4- or 8-bit integers in blocks (weight-only; the export "
+                           "writes them as such, ONNX Runtime runs MatMulNBits)")
+    conv.add_argument("--block-size", type=int, default=32, help="weights per scale with --expert-bits (32)")
     _add_config_flags(conv)
     conv.set_defaults(handler=_convert)
 
@@ -342,6 +348,9 @@ def _convert(args: argparse.Namespace) -> int:
         if args.calibrate or args.calibration_text is not None:
             raise UsageError("--format hf converts one layer at a time, without running the model, so it cannot "
                              "calibrate. Drop --calibrate, or convert with --format moe_compile.")
+        if args.expert_bits is not None:
+            raise UsageError("--expert-bits rounds the experts of a moe_compile model for its ONNX export; an hf "
+                             "checkpoint keeps float weights. Drop --expert-bits, or use --format moe_compile.")
         if args.hf is None:
             raise UsageError("--format hf converts a local LLaMA, Mistral or Qwen2 checkpoint: pass --hf DIR "
                              "(the embedded examples have no Hugging Face MoE equivalent).")
@@ -352,6 +361,8 @@ def _convert(args: argparse.Namespace) -> int:
     calibration = _Text.for_model(args, dense).calibration_batches(args) if calibrate else None
     model = convert(dense, _config(args), example_inputs=_token_ids(dense, *EXPORT_SHAPE),
                     calibration_data=calibration)
+    if args.expert_bits is not None:
+        quantize_experts(model, bits=args.expert_bits, block_size=args.block_size)
     print(model.moe_report.table())
     print()
     print(model_stats(model).table())

@@ -2,7 +2,7 @@
 
     directory/model.safetensors   the converted model's state dict (tied weights stored once)
     directory/moe_recipe.json     format version, source architecture, MoEConfig and per-site settings, converted
-                                  sites, dtype
+                                  sites, dtype, the layers whose experts quantize_experts rounded
     directory/tokenizer.json ...  the source directory's tokenizer and generation files, when it had them
 
 `load` rebuilds the dense source model (a `transformers` class from its config, the embedded example from its
@@ -27,6 +27,7 @@ from .config import MoEConfig
 from .errors import RecipeError
 from .example_models import EXAMPLE_MODELS, GPTConfig, build_example
 from .model_io import ModelInputs
+from .moe import iter_moe_layers
 from .passes import convert
 from .source_files import copy_source_files, source_dir
 
@@ -56,6 +57,8 @@ def save(model: nn.Module, directory: PathLike) -> Path:
         "sites": _site_list(report),
         "dtype": str(_dtype(model)).removeprefix("torch."),
         "example_inputs": report.example_inputs,  # convert's torch.export search inputs (shapes, dtypes), or None
+        "expert_weight_bits": {name: list(layer.expert_weight_bits) for name, layer in iter_moe_layers(model)
+                               if layer.expert_weight_bits is not None},  # quantize_experts: [bits, block size]
     }
     save_model(model, str(directory / WEIGHTS_FILE))
     (directory / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
@@ -87,6 +90,12 @@ def load(directory: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     if found != recipe["sites"]:
         raise RecipeError(_site_mismatch(type(dense).__name__, recipe["sites"], found))
     _load_weights(converted, weights)
+    layers = dict(iter_moe_layers(converted))
+    for name, (bits, block_size) in recipe.get("expert_weight_bits", {}).items():
+        if name not in layers:
+            raise RecipeError(f"load: the recipe's quantized layer {name!r} is no MoE layer of the rebuilt model. "
+                              "Save the model again.")
+        layers[name].expert_weight_bits = (bits, block_size)  # the weights loaded are already the rounded ones
     if hasattr(getattr(converted, "config", None), "_name_or_path"):
         converted.config._name_or_path = str(directory)  # where its tokenizer files are (see save)
     return converted.eval()

@@ -25,10 +25,13 @@ def time_round_robin(calls: dict[str, Callable[[], object]], blocks: int, per_bl
 
 
 def ort_session(path: Union[str, os.PathLike], threads: int):
-    """An ONNX Runtime CPU session with `threads` intra-op threads and one inter-op thread."""
+    """An ONNX Runtime CPU session with `threads` intra-op threads and one inter-op thread (b-bit expert weights
+    computed in float32, as eager does: see export/weight_only.py)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from .export.weight_only import exact_options
+
+    options = exact_options()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -109,6 +109,9 @@ def test_python_dash_m_runs_the_cli():
     (["eval", "--checkpoint", str(CHECKPOINT), "--experts", "upcycle", "--no-calibration", "--windows", "1"],
      r"experts='upcycle' runs k whole copies of the FFN"),
     (["convert", "--hf", "x", "--format", "hf", "--calibrate", "--out", "y"], r"--format hf .* cannot calibrate"),
+    (["convert", "--hf", "x", "--format", "hf", "--expert-bits", "4", "--out", "y"], r"an hf checkpoint keeps float"),
+    (["convert", "--example", "nanogpt", "--expert-bits", "4", "--block-size", "1024", "--out", "y"],
+     r"not multiples of block_size=1024"),
     (["convert", "--checkpoint", str(CHECKPOINT), "--calibrate", "--calibration-windows", "1", "--out", "y"],
      r"calibration builds split experts"),
 ])
@@ -165,6 +168,18 @@ def test_export_then_check_with_onnx_runtime(capsys, saved_nanogpt, tmp_path):
     code, out, err = run(capsys, "check", str(saved_nanogpt), str(onnx_path), "--json")
     assert code == 0, out + err
     assert json.loads(out)["passed"] is True
+
+
+def test_convert_with_int4_experts_exports_and_checks(capsys, tmp_path):
+    pytest.importorskip("onnxruntime")
+    saved, onnx_path = tmp_path / "moe", tmp_path / "moe.onnx"
+    code, _, err = run(capsys, "convert", "--example", "nanogpt", "--num-experts", "4", "--expert-bits", "4",
+                       "--block-size", "16", "--out", str(saved))
+    assert code == 0, err
+    code, out, err = run(capsys, "export", str(saved), "--target", "portable", "--out", str(onnx_path))
+    assert code == 0 and "experts: 16 matmuls as b-bit weights" in out and "opset=21" in out, out + err
+    code, out, err = run(capsys, "check", str(saved), str(onnx_path), "--json")
+    assert code == 0 and json.loads(out)["passed"] is True, out + err
 
 
 def test_export_tensorrt_target_and_engine(capsys, saved_nanogpt, tmp_path):

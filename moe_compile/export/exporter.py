@@ -36,7 +36,7 @@ from ..errors import LoweringError, MoECompileError, first_line
 from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelCall, ModelInputs, as_model_inputs, widened
 from ..moe import MoELayer, iter_moe_layers
 from ..passes.rewrite import replace_submodule
-from . import decoder
+from . import decoder, weight_only
 from .fusion import fuse_attention
 from .layer_functions import LayerFunctions
 from .ort_moe import OP_NAME, OrtMoE, may_drop, ort_unsupported_reason
@@ -153,6 +153,9 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
                     causal_attention: Optional[bool] = None) -> ExportReport:
     """Lower every MoE layer of `call` (a module over the deep copy) for `target`, export call(*args), save; for
     target "ort", fuse attention (causal_attention: see fusion.fuse_attention's `causal`)."""
+    rounded = weight_only.expert_matrices(list(iter_moe_layers(call)))
+    if rounded:
+        opset = _weight_only_opset(opset, dtype)
     if dtype is not None:
         call = call.to(dtype)
         args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
@@ -171,10 +174,23 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
                                     input_names=input_names, output_names=output_names, opset_version=opset,
                                     verbose=False)
         functions.inline_into(program.model, _opset_of(program))
+    quantized = weight_only.lower_quantized_experts(program.model, rounded) if rounded else 0
     program.save(os.fspath(path))
     fused = _fuse_attention(path, causal_attention) if target == "ort" else 0
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
-                        opset=_opset_of(program), attention_fused=fused)
+                        opset=_opset_of(program), attention_fused=fused, quantized_matmuls=quantized)
+
+
+def _weight_only_opset(opset: Optional[int], dtype: Optional[torch.dtype]) -> int:
+    """The opset of an export with b-bit experts: blocked int4 DequantizeLinear needs 21."""
+    if dtype not in (None, torch.float32):
+        raise MoECompileError(f"export: the experts are b-bit weights (quantize_experts), which export in float32, "
+                              f"not {str(dtype).removeprefix('torch.')}; drop dtype=.")
+    if opset is not None and opset < weight_only.OPSET:
+        raise MoECompileError(f"export: the experts are b-bit weights, written with blocked DequantizeLinear, which "
+                              f"needs opset {weight_only.OPSET}; opset={opset} cannot express them. Pass opset=None "
+                              f"or {weight_only.OPSET}.")
+    return weight_only.OPSET
 
 
 def _fuse_attention(path, causal: Optional[bool]) -> int:
@@ -222,6 +238,8 @@ def _lower(name: str, layer: MoELayer, target: str, fallback: bool) -> tuple[Opt
     routing = router.routing
     node, unsupported_reason, node_module = _NODE_LOWERINGS.get(target, (None, None, None))
     reason = unsupported_reason(layer) if unsupported_reason else None
+    if node is not None and layer.expert_weight_bits is not None:
+        reason = f"its experts are int{layer.expert_weight_bits[0]} weights, which {node} does not take"
     if node is not None and reason is None:
         return node_module(layer), LayerLowering(name, routing, node, "none (dropless kernel)", False)
     if reason is not None and not fallback:

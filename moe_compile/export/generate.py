@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import MoECompileError
 from .decoder import METADATA_FILE
+from .weight_only import exact_options
 
 Prompts = Union[str, Sequence[str], Sequence[Sequence[int]], np.ndarray]
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -86,7 +87,7 @@ class Generator:
             self.session, self.selections = session_with_selections(model_file, options, providers)
         else:
             self.session, self.selections = ort.InferenceSession(
-                model_file, options, providers=providers or ["CPUExecutionProvider"]), []
+                model_file, exact_options(options), providers=providers or ["CPUExecutionProvider"]), []
         self._ort = ort
         self.dtype = _NUMPY_DTYPES[self.metadata["dtype"]]
         self.past_names = self.metadata["inputs"][3 if self.metadata["position_ids"] else 2:]

@@ -36,6 +36,7 @@ from ..model_io import Inputs, ModelCall, as_model_inputs
 from ..moe.routers import Router
 from ..table import format_table
 from .tensorrt import is_engine, run_engine
+from .weight_only import exact_options
 
 # Max abs error of the logits, ONNX Runtime vs eager PyTorch (the fp32 model), per exported dtype; stated for
 # logits of magnitude ~1 (max_rel is the scale-free figure). Measured on the 2-layer test models (nanoGPT, GPT-2,
@@ -206,7 +207,8 @@ def session_with_selections(onnx_path, options=None, providers: Optional[list[st
     else:
         source = model.SerializeToString()
     try:
-        session = ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, exact_options(options),
+                                       providers=providers or ["CPUExecutionProvider"])
     finally:
         if external:
             os.remove(source)

@@ -28,17 +28,22 @@ class ExportReport:
     task: str = "forward"  # or "text-generation": `path` is then the decoder with a KV cache in its directory
     files: list[str] = field(default_factory=list)  # text-generation: the files written beside it
     attention_fused: int = 0  # target ort: attention subgraphs rewritten into ONNX Runtime's fused ops
+    quantized_matmuls: int = 0  # expert matmuls written as b-bit weights (moe_compile.quantize_experts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "task": self.task, "target": self.target, "dtype": self.dtype,
                 "opset": self.opset, "files": self.files,
-                "attention_fused": self.attention_fused, "layers": [asdict(layer) for layer in self.layers]}
+                "attention_fused": self.attention_fused, "quantized_matmuls": self.quantized_matmuls,
+                "layers": [asdict(layer) for layer in self.layers]}
 
     def table(self) -> str:
         task = "" if self.task == "forward" else f"task={self.task}, "
         head = f"ONNX export: {self.path}  ({task}target={self.target}, dtype={self.dtype}, opset={self.opset})"
         if self.attention_fused:
             head += f"\nattention: {self.attention_fused} layers fused into ONNX Runtime attention ops"
+        if self.quantized_matmuls:
+            head += (f"\nexperts: {self.quantized_matmuls} matmuls as b-bit weights (DequantizeLinear + MatMul; "
+                     "ONNX Runtime: MatMulNBits)")
         if self.files:
             head += f"\nbeside it: {', '.join(self.files)}"
         rows = [("layer", "routing", "lowering", "capacity", "may drop", "note")]

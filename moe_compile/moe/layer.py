@@ -56,6 +56,7 @@ class MoELayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.routing_stats: Optional[RoutingStats] = None
         self.aux_losses: dict[str, torch.Tensor] = {}
+        self.expert_weight_bits: Optional[tuple[int, int]] = None  # (bits, block size): see quantize.py
 
     @property
     def num_experts(self) -> int:
@@ -114,8 +115,10 @@ class MoELayer(nn.Module):
         return {**state, "aux_losses": {}, "routing_stats": None}
 
     def extra_repr(self) -> str:
+        weights = "" if self.expert_weight_bits is None else ", int{} weights in blocks of {}".format(
+            *self.expert_weight_bits)
         return (f"experts={self.num_experts}, d_model={self.d_model}, expert_width={self.expert_width}, "
-                f"activation={self.activation}{', gated' if self.gated else ''}, combine={self.combine}")
+                f"activation={self.activation}{', gated' if self.gated else ''}, combine={self.combine}{weights}")
 
 
 def _row(stacked: Optional[torch.Tensor], e: int) -> Optional[torch.Tensor]:
