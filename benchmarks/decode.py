@@ -1,7 +1,8 @@
-"""Decode benchmark: text generation with a KV cache, dense vs split 8/2 vs upcycled 8/2, side by side.
+"""Decode benchmark: text generation with a KV cache, dense vs split 8/2 (float32, int4 experts) vs upcycled 8/2.
 
     python benchmarks/decode.py                  # writes benchmarks/results/decode.{json,md,png}
     python benchmarks/decode.py --tiny --out DIR # a tiny configuration (CI checks that it runs)
+    python benchmarks/decode.py --batches 1 --name decode_batch1   # a subset, to its own result files
 
 Models (random weights, fp32, with their LM heads): a GPT-2-small shape (12 layers, d 768, 12 heads, vocab 50257)
 and a LLaMA shape of similar size (12 layers, d 768, d_ff 2048 SwiGLU, 12 heads, 4 KV heads, vocab 32000).
@@ -12,6 +13,10 @@ generate(max_new_tokens=1) (eager); per-token latency = the median decode step (
 (t(128 tokens) - t(1 token)) / 127 (eager). All variants of one model are timed in one process, in round-robin
 rounds, and each figure is the median over rounds; the ratios compare variants measured side by side.
 
+"split 8/2 int4": the split model after quantize_experts(bits=4, block_size=32), its experts run by ONNX Runtime
+as MatMulNBits in float32 (accuracy level 0, as parity needs); in eager it is the float32 split model's speed, so
+it is timed in ONNX Runtime only.
+
 Prefill's Amdahl bound for split 8/2: 1 - s + 0.25 s, with s the FFNs' share of the dense prefill time, measured
 on the same export with every FFN replaced by zeros.
 """
@@ -19,6 +24,7 @@ on the same export with every FFN replaced by zeros.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -45,11 +51,13 @@ class Sizes:
     prompts: tuple[int, ...]
     new_tokens: int
     rounds: int
+    int4_block: int = 32  # weights per scale of the int4 experts
 
 
 FULL = Sizes(12, 768, 12, 4, 2048, 50257, 32000, (1, 8), (128, 512), 128, rounds=3)
-TINY = Sizes(2, 64, 4, 2, 128, 256, 256, (2,), (8,), 4, rounds=1)
-VARIANTS = ("dense", "split 8/2", "upcycle 8/2", "no FFN")
+TINY = Sizes(2, 64, 4, 2, 128, 256, 256, (2,), (8,), 4, rounds=1, int4_block=16)
+VARIANTS = ("dense", "split 8/2", "split 8/2 int4", "upcycle 8/2", "no FFN")
+EAGER = ("dense", "split 8/2", "upcycle 8/2")  # eager runs int4 experts as their float32 dequantised weights
 
 
 def build(family: str, sizes: Sizes):
@@ -68,7 +76,7 @@ def build(family: str, sizes: Sizes):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def variant(dense, name: str):
+def variant(dense, name: str, sizes: Sizes):
     import torch
     import torch.nn as nn
 
@@ -80,6 +88,8 @@ def variant(dense, name: str):
         return dense
     experts = "upcycle" if name.startswith("upcycle") else "split"
     model = mc.convert(dense, mc.MoEConfig(num_experts=8, top_k=2, experts=experts))
+    if name.endswith("int4"):
+        mc.quantize_experts(model, bits=4, block_size=sizes.int4_block)
     if name == "no FFN":  # the same model with every FFN's output zero: what the FFNs cost, for the Amdahl bound
         class Zero(nn.Module):
             def forward(self, x):
@@ -113,6 +123,10 @@ def time_eager(model, prompts, new_tokens: int):
     return first, (total - first) / max(1, new_tokens - 1)
 
 
+def _directory(workdir: Path, family: str, variant_name: str) -> Path:
+    return workdir / f"{family}-{variant_name.replace(' ', '-').replace('/', '-')}"
+
+
 def run_family(family: str, sizes: Sizes, workdir: Path) -> dict:
     import torch
 
@@ -122,9 +136,9 @@ def run_family(family: str, sizes: Sizes, workdir: Path) -> dict:
     dense = build(family, sizes)
     models, exports = {}, []
     for name in VARIANTS:
-        models[name] = variant(dense, name)
+        models[name] = variant(dense, name, sizes)
         start = time.perf_counter()
-        mc.export(models[name], None, workdir / f"{family}-{name.split()[0]}", task="text-generation")
+        mc.export(models[name], None, _directory(workdir, family, name), task="text-generation")
         exports.append({"variant": name, "export_s": round(time.perf_counter() - start, 1)})
         print(f"  exported {family} {name}", file=sys.stderr, flush=True)
     vocab = models["dense"].config.vocab_size
@@ -136,10 +150,9 @@ def run_family(family: str, sizes: Sizes, workdir: Path) -> dict:
             samples = {}
             for _ in range(sizes.rounds):
                 for name in VARIANTS:
-                    directory = workdir / f"{family}-{name.split()[0]}"
-                    samples.setdefault((name, "onnxruntime"), []).append(time_ours(directory, prompts,
-                                                                                   sizes.new_tokens))
-                    if name != "no FFN":
+                    samples.setdefault((name, "onnxruntime"), []).append(
+                        time_ours(_directory(workdir, family, name), prompts, sizes.new_tokens))
+                    if name in EAGER:
                         samples.setdefault((name, "eager"), []).append(
                             time_eager(models[name], prompts, sizes.new_tokens) + (None,))
             for (name, runtime), runs in samples.items():
@@ -165,21 +178,23 @@ def run_family(family: str, sizes: Sizes, workdir: Path) -> dict:
 
 def markdown(results: dict) -> str:
     lines = ["| model | batch | prompt | runtime | dense TTFT / per token | split 8/2 TTFT / per token | "
-             "upcycle 8/2 TTFT / per token | split prefill Amdahl bound | KV cache (ours) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "split 8/2 int4 experts | upcycle 8/2 TTFT / per token | split prefill Amdahl bound | KV cache (ours) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for family in results["families"]:
         for row in family["rows"]:
             if row["variant"] != "dense":
                 continue
             key = (row["batch"], row["prompt"], row["runtime"])
             by = {r["variant"]: r for r in family["rows"] if (r["batch"], r["prompt"], r["runtime"]) == key}
-            split, upcycle = by["split 8/2"], by["upcycle 8/2"]
+            split, upcycle, int4 = by["split 8/2"], by["upcycle 8/2"], by.get("split 8/2 int4")
+            int4_cell = "-" if int4 is None else f"{int4['ttft_ratio']:.2f}x / {int4['per_token_ratio']:.2f}x"
             bound = split.get("prefill_amdahl_bound")
             cache = "-" if row["kv_cache_mib"] is None else f"{row['kv_cache_mib']} MiB"
             lines.append(
                 f"| {family['family']} | {row['batch']} | {row['prompt']} | {row['runtime']} | "
                 f"{row['ttft_ms']} ms / {row['per_token_ms']} ms | {split['ttft_ratio']:.2f}x / "
-                f"{split['per_token_ratio']:.2f}x | {upcycle['ttft_ratio']:.2f}x / {upcycle['per_token_ratio']:.2f}x | "
+                f"{split['per_token_ratio']:.2f}x | {int4_cell} | {upcycle['ttft_ratio']:.2f}x / "
+                f"{upcycle['per_token_ratio']:.2f}x | "
                 f"{'-' if bound is None else f'{bound:.2f}x'} | {cache} |")
     return "\n".join(lines) + "\n"
 
@@ -194,7 +209,8 @@ def plot(results: dict, path: Path) -> None:
     for ax, family in zip(axes[0], results["families"]):
         settings = sorted({(r["batch"], r["prompt"]) for r in family["rows"]})
         labels = [f"b{b} p{p}" for b, p in settings]
-        for name, runtime, style in (("split 8/2", "onnxruntime", "-o"), ("upcycle 8/2", "onnxruntime", "-s"),
+        for name, runtime, style in (("split 8/2", "onnxruntime", "-o"), ("split 8/2 int4", "onnxruntime", "-^"),
+                                     ("upcycle 8/2", "onnxruntime", "-s"),
                                      ("split 8/2", "eager", ":o"), ("upcycle 8/2", "eager", ":s")):
             ratios = [next(r["per_token_ratio"] for r in family["rows"] if (r["batch"], r["prompt"], r["variant"],
                       r["runtime"]) == (b, p, name, runtime)) for b, p in settings]
@@ -210,19 +226,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--family", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8)")
+    parser.add_argument("--prompts", type=int, nargs="+", help="prompt lengths (default 128 512)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="decode", help="result files NAME.{json,md,png} (default decode)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     sizes = TINY if args.tiny else FULL
+    sizes = dataclasses.replace(sizes, batches=tuple(args.batches or sizes.batches),
+                                prompts=tuple(args.prompts or sizes.prompts))
     args.out.mkdir(parents=True, exist_ok=True)
     setup = {**machine(), "sizes": sizes.__dict__}
     with tempfile.TemporaryDirectory() as tmp:
         families = [run_family(family, sizes, Path(tmp)) for family in args.family]
     results = {"setup": setup, "families": families}
-    (args.out / "decode.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "decode.md").write_text(f"# Decode benchmark\n\n{json.dumps(setup)}\n\n{markdown(results)}")
-    plot(results, args.out / "decode.png")
-    print((args.out / "decode.md").read_text())
+    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / f"{args.name}.md").write_text(f"# Decode benchmark\n\n{json.dumps(setup)}\n\n{markdown(results)}")
+    plot(results, args.out / f"{args.name}.png")
+    print((args.out / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
