@@ -42,7 +42,8 @@ def exact_options(options=None):
 @dataclass
 class ExpertMatrix:
     name: str  # layer.matrix.expert
-    weight: torch.Tensor  # [out, in], on its b-bit grid
+    q: torch.Tensor  # [out, in] int8, the integers of its b-bit grid
+    scales: torch.Tensor  # [out, in / B]
     bits: int
     block_size: int
 
@@ -59,13 +60,13 @@ def expert_matrices(layers: list) -> dict[tuple, ExpertMatrix]:
         for matrix in QUANTIZED_MATRICES:
             for e, weight in enumerate(getattr(layer, matrix) if getattr(layer, matrix) is not None else []):
                 weight = weight.detach().float().cpu().contiguous()
-                if (dequantize_blocks(*quantize_blocks(weight, bits, block_size)) - weight).abs().max() > \
-                        1e-6 * weight.abs().max():
+                q, scales = quantize_blocks(weight, bits, block_size)
+                if (dequantize_blocks(q, scales) - weight).abs().max() > 1e-6 * weight.abs().max():
                     raise LoweringError(
                         f"export: expert matrix {name}.{matrix}[{e}] is not on its int{bits} grid: its weights "
                         "changed after quantize_experts (training, healing, loading other weights). Call "
                         "moe_compile.quantize_experts(model, ...) again before exporting.")
-                matrices[_key(weight.numpy())] = ExpertMatrix(f"{name}.{matrix}.{e}", weight, bits, block_size)
+                matrices[_key(weight.numpy())] = ExpertMatrix(f"{name}.{matrix}.{e}", q, scales, bits, block_size)
     return matrices
 
 
@@ -119,7 +120,7 @@ def _check_gemm(node: ir.Node, name: str) -> None:
 
 
 def _replace_gemm(graph: ir.Graph, gemm: ir.Node, matrix: ExpertMatrix) -> None:
-    q, scales = quantize_blocks(matrix.weight, matrix.bits, matrix.block_size)  # [out, in], [out, in / B]
+    q, scales = matrix.q, matrix.scales
     integers = q.t().contiguous().numpy().astype(ml_dtypes.int4 if matrix.bits == 4 else np.int8)
     suffix = f"{len(graph.initializers)}"  # a matrix read twice (identical experts) gets two copies of its own
     q_value = ir.Value(name=f"{matrix.name}.{suffix}.q{matrix.bits}", const_value=ir.Tensor(integers))
