@@ -4,7 +4,8 @@ Every architecture in transformers' causal-LM, masked-LM and seq2seq auto-mappin
 derived from its default config by `shrink` (the same rules for every family, through the config's own attribute
 names and values: its layer count, width, head count and FFN width wherever they appear), with random weights.
 It is converted twice with no example inputs (upcycled experts, renormalised top-2 of 4; split experts, k = E = 4)
-and run against the dense model on the model's own dummy inputs, every output compared. Each is marked
+and run against the dense model on the model's own dummy inputs, every output compared (an audio decoder of several
+codebooks, Musicgen, gets its ids tiled to a row per codebook, and those as example inputs). Each is marked
 
     converted   both conversions exact on every output: max |moe - dense| <= 1e-5 * max(1, max |dense|)
                 (absolute up to magnitude 1, relative to the output's scale beyond: fp32 rounding grows with it)
@@ -32,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -42,7 +44,7 @@ TINY = dict(layers=2, width=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab
 TOLERANCE = 1e-5
 STATE_SPACE = {"mamba", "falcon_mamba", "mamba2"}  # model types with no FFN in any block
 NOT_AN_FFN = "shapes do not form an FFN"  # a projector or LM head (d_in != d_out) the matcher rightly passes over
-HEAD_DIM = r"head_dim|d_kv|kv_channels|rotary_dim|rope_dim"
+HEAD_DIM = r"head_?dim|d_head|d_kv|kv_channels|rotary_dim|rope_dim"
 CHUNK = 20
 
 
@@ -58,6 +60,15 @@ def architectures() -> list[tuple[str, str, str]]:
     return found
 
 
+def kept_layers(values: dict, layers: int) -> list[int]:
+    """The layers a tiny config keeps: the first of each type its layer-type list names (NeoMME's global layers, after
+    sliding ones; Zamba2's hybrid ones), then the first others, TINY["layers"] in all."""
+    types = next((value for name, value in values.items() if "layer" in name and isinstance(value, list)
+                  and len(value) == layers and all(isinstance(kind, str) for kind in value)), [])
+    first = [types.index(kind) for kind in dict.fromkeys(types)]
+    return sorted((first + [i for i in range(layers) if i not in first])[:TINY["layers"]])
+
+
 def shrink(config):
     """The config with its sizes made tiny, found by the config's own attribute names and default values."""
     from transformers import PreTrainedConfig
@@ -66,6 +77,7 @@ def shrink(config):
     layers = getattr(config, "num_hidden_layers", None)
     width = getattr(config, "hidden_size", None)
     heads = getattr(config, "num_attention_heads", None)
+    keep = kept_layers(values, layers) if layers else []
     changes = {}
     for name, value in values.items():
         if value is None and width and heads:  # unset sizes some models read without a default of their own
@@ -77,26 +89,40 @@ def shrink(config):
                 changes[name] = TINY["vocab"]
             elif name == "pad_token_id" and getattr(config, "vocab_size", None) is None:  # ESM masks its padding
                 changes[name] = 0
+            elif name == "default_language" and values.get("languages"):  # X-MOD's adapters need a language
+                changes[name] = values["languages"][0]
+        if name == "rope_parameters" and value == {} and values.get("layer_types"):  # Cohere Compass sets none
+            changes[name] = {kind: {"rope_type": "default", "rope_theta": 10000.0} for kind in values["layer_types"]}
         if isinstance(value, bool) or not isinstance(value, (int, list)):
             continue
         words = set(re.split(r"_", name))
         if isinstance(value, list):
             if layers and len(value) == layers and "layer" in name:  # per-layer lists (layer types, ...)
-                changes[name] = value[:TINY["layers"]]
+                changes[name] = [value[i] for i in keep]
+            elif re.search(r"layer_?(ids|indices|idx)", name) and all(type(i) is int for i in value):
+                changes[name] = [keep.index(i) for i in value if i in keep]  # Zamba2's hybrid_layer_ids
+            elif width and all(type(v) is int for v in value) and sum(value) == width:  # parts of the width
+                changes[name] = [v * TINY["width"] // width for v in value]  # (Reformer's axial position dims)
+        elif name.endswith("shared_layers"):  # the last n layers reuse others' KV (Gemma3n): none in two layers
+            changes[name] = 0
         elif "layer" in name or "layers" in words or name in ("n_layer", "depth"):
             if layers and value == layers or re.search(r"(num|n)_(hidden_)?(encoder_|decoder_)?layers?$", name) \
                     or re.search(r"^(encoder|decoder)_layers$", name):
                 changes[name] = min(value, TINY["layers"])
         elif re.search(r"key_value|kv_heads|num_kv|query_groups", name):  # grouped unless as many as the heads
             changes[name] = TINY["heads"] if value == heads else TINY["kv_heads"]
-        elif "head" in name and "dim" not in name and heads and value == heads or re.search(r"_heads?$", name):
-            changes[name] = TINY["heads"]
         elif re.search(HEAD_DIM, name):
             changes[name] = TINY["head_dim"] // (2 if "rot" in name or "rope" in name else 1)
+        elif "size" not in name and ("head" in name and "dim" not in name and heads and value == heads
+                                     or re.search(r"_heads?$", name)):  # a head count, not chunk_size_lm_head
+            changes[name] = TINY["heads"]
         elif width and value == width:
             changes[name] = TINY["width"]
         elif width and value > width and re.search(r"intermediate|ffn|d_ff|inner|mlp|hidden_dim|filter", name):
             changes[name] = TINY["ffn"]
+        elif width and TINY["width"] < value and value * TINY["width"] % width == 0 and \
+                re.search(r"(embedding|bottleneck|hidden)_size$", name):  # a stream m x the width stays so
+            changes[name] = value * TINY["width"] // width  # (MobileBERT's bottleneck, Zamba2's attention_hidden_size)
     head_dims = [name for name in changes if re.search(HEAD_DIM, name)]
     for name in head_dims:  # head dims equal by default stay equal (MLA: head_dim is the rope part), a rope one rules
         rope = [other for other in head_dims if values[other] == values[name] and re.search(r"rot|rope", other)]
@@ -107,13 +133,21 @@ def shrink(config):
         parts = [(a, b) for a in sized for b in sized if a < b and values[a] + values[b] == values[name]]
         if parts:
             changes[name] = changes[parts[0][0]] + changes[parts[0][1]]
-    heads_set = [name for name in changes if re.search(r"_heads?$", name) and isinstance(values[name], int)]
+    heads_set = [name for name in changes if re.search(r"_heads?$", name) and name not in head_dims
+                 and isinstance(values[name], int)]
     for name in heads_set:  # heads x head size = m x width by default (a Mamba2 mixer's expand x width) stays so
         for size in sized:
             product = values[name] * values[size]
             if width and product % width == 0 and (product // width * TINY["width"]) % changes[size] == 0:
                 changes[name] = product // width * TINY["width"] // changes[size]
                 break
+    for name in heads_set:  # a size of the same family that is heads x head size stays so (Falcon-H1's mamba_d_ssm)
+        family = name.split("_")[0] + "_"
+        for size in [size for size in sized if size.startswith(family)]:
+            for other, value in values.items():
+                if other.startswith(family) and re.search(r"_d_|dim|size", other) and other not in changes \
+                        and value == values[name] * values[size]:
+                    changes[other] = changes[name] * changes[size]
     for name, value in changes.items():
         setattr(config, name, value)
     for value in vars(config).values():  # sub-configs of composite models (text_config, encoder, ...)
@@ -160,9 +194,10 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
 
     row = {"mapping": mapping, "model_type": model_type, "class": class_name}
     try:
-        config = shrink(transformers.AutoConfig.for_model(model_type))
-        if is_moe_config(config):
+        config = transformers.AutoConfig.for_model(model_type)
+        if is_moe_config(config):  # before shrinking: Dots3's per-layer expert counts leave it no global head count
             return {**row, "status": "MoE model", "reason": "an MoE model already (its config has experts)"}
+        config = shrink(config)
         config = own_config(getattr(transformers, class_name), config)
         if mapping == "causal-lm" and getattr(config, "is_decoder", None) is False:  # as AutoModelForCausalLM wants
             config.is_decoder = True
@@ -171,8 +206,15 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
         inputs = default_inputs(dense)
         if inputs is None:
             raise TypeError("the model has no dummy_inputs")
+        example = None  # convert finds the model's own dummy inputs, unless they had to change
+        if getattr(config, "num_codebooks", None) and "input_ids" in inputs.kwargs:  # Musicgen's decoder reads
+            inputs.kwargs["input_ids"] = inputs.kwargs["input_ids"].repeat(config.num_codebooks, 1)  # a row a codebook
+            example = inputs
         reference = ModelCall(dense).named(inputs)
     except Exception as error:  # noqa: BLE001 - any failure to build or run is the row's reason
+        if any(re.search(r"moe|expert", type(frame.f_locals.get("self")).__name__, re.I)
+               for frame, _ in traceback.walk_tb(error.__traceback__)):  # Dots1: the config leaves the count unset
+            return {**row, "status": "MoE model", "reason": "an MoE model already (it failed building its experts)"}
         return {**row, "status": "not built", "reason": first_line(error, 200)}
     if any(re.search(r"moe|expert", type(m).__name__, re.I) for m in dense.modules()):
         return {**row, "status": "MoE model", "reason": "an MoE model already (not a dense FFN)"}
@@ -182,9 +224,9 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
     errors = {}
     for label, moe_config in configs.items():
         try:
-            moe = mc.convert(dense, moe_config)
+            moe = mc.convert(dense, moe_config, example_inputs=example)
         except mc.NoFFNFoundError:
-            report = mc.find_ffn_blocks(dense)
+            report = mc.find_ffn_blocks(dense, example)
             found = [s for s in report.sites]
             if found:
                 reasons = sorted({s.reason for s in found if s.action == "skipped"})

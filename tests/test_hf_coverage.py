@@ -60,3 +60,20 @@ def test_a_mamba2_mixer_keeps_its_inner_width():
 def test_state_space_models_are_counted_apart():
     row = hf_coverage.run_one("causal-lm", "mamba", "MambaForCausalLM")
     assert row["status"] == "no FFN", row
+
+
+def test_two_layers_keep_every_layer_type():
+    """NeoMME's first full-attention layer comes after sliding ones; Zamba2's layer ids follow the layers kept."""
+    assert set(hf_coverage.shrink(transformers.AutoConfig.for_model("neomme")).layer_types) == \
+        {"sliding_attention", "full_attention"}
+    config = hf_coverage.shrink(transformers.AutoConfig.for_model("zamba2"))
+    assert config.layers_block_type == ["linear_attention", "hybrid"] and config.hybrid_layer_ids == [1]
+
+
+def test_sizes_tied_to_the_width_stay_tied():
+    reformer = hf_coverage.shrink(transformers.AutoConfig.for_model("reformer"))
+    assert sum(reformer.axial_pos_embds_dim) == reformer.hidden_size
+    mobilebert = hf_coverage.shrink(transformers.AutoConfig.for_model("mobilebert"))
+    assert mobilebert.embedding_size < mobilebert.hidden_size
+    falcon = hf_coverage.shrink(transformers.AutoConfig.for_model("falcon_h1"))
+    assert falcon.mamba_d_ssm == falcon.mamba_n_heads * falcon.mamba_d_head
