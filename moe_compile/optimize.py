@@ -39,7 +39,7 @@ from .errors import MoECompileError
 from .example_text import score
 from .export import export
 from .model_io import Inputs
-from .moe import MoELayer
+from .moe import MoELayer, activation_name
 from .moe.ffn import DenseFFN
 from .passes import SiteReport, convert
 from .stats import model_stats, site_stats
@@ -262,10 +262,11 @@ class _Dense(nn.Module):
         self.down_weight = nn.Parameter(layer.down_weight.detach().permute(1, 0, 2).reshape(d_model, -1))
         self.down_bias = None if layer.output_bias is None else nn.Parameter(layer.output_bias.detach())
         self.activation = layer.activation
+        self.hidden_norm = layer.hidden_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return DenseFFN(self.up_weight, self.up_bias, self.down_weight, self.down_bias, self.activation,
-                        self.gate_weight, self.gate_bias)(x)
+                        self.gate_weight, self.gate_bias, hidden_norm=self.hidden_norm)(x)
 
 
 def _latencies(sites: list[SiteReport], reference: nn.Module, candidates: list[_Candidate], target: str,
@@ -277,7 +278,7 @@ def _latencies(sites: list[SiteReport], reference: nn.Module, candidates: list[_
     for site in sites:
         layer = reference.get_submodule(site.layer)
         shape_of[site.name] = (f"d {site.d_model}, d_ff {site.d_ff}, {'gated ' if site.gated else ''}"
-                               f"{layer.activation}{', bias' if site.bias else ''}")
+                               f"{activation_name(layer.activation)}{', bias' if site.bias else ''}")
     first = {shape: next(s for s in sites if shape_of[s.name] == shape) for shape in dict.fromkeys(shape_of.values())}
     seconds = {}
     with tempfile.TemporaryDirectory() as workdir:

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..moe import MoELayer
+from ..moe import MoELayer, activation_name
 from ..moe.routers import top_k
 
 OP_NAME = "com.microsoft.MoE"
@@ -42,7 +42,7 @@ _PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu", "silu": "silu"}
 
 def ort_unsupported_reason(layer: MoELayer) -> Optional[str]:
     """Why com.microsoft.MoE cannot compute exactly what `layer` computes, or None when it can."""
-    reason = not_dropless_token_choice(layer, OP_NAME)
+    reason = not_dropless_token_choice(layer, OP_NAME) or own_modules(layer, OP_NAME)
     if reason:
         return reason
     if layer.gated and layer.activation != "silu":
@@ -52,6 +52,17 @@ def ort_unsupported_reason(layer: MoELayer) -> Optional[str]:
     if not layer.gated and layer.activation not in _PLAIN_ACTIVATIONS:
         return f"activation {layer.activation!r} is not among com.microsoft.MoE's activation types"
     return None
+
+
+def own_modules(layer: MoELayer, op: str) -> Optional[str]:
+    """Why `layer` computes part of its experts with the model's own modules (a learned activation, a hidden norm),
+    which a fused MoE op has no attribute for, or None when it does not."""
+    kept = []
+    if not isinstance(layer.activation, str):
+        kept.append(f"activation {activation_name(layer.activation)}")
+    if layer.hidden_norm is not None:
+        kept.append(f"hidden norm {type(layer.hidden_norm).__name__}")
+    return f"its experts apply the model's own {' and '.join(kept)}, which {op} cannot express" if kept else None
 
 
 def not_dropless_token_choice(layer: MoELayer, op: str) -> Optional[str]:

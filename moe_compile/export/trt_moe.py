@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..kernels import layer_operands, moe_ffn
 from ..moe import MoELayer
-from .ort_moe import not_dropless_token_choice
+from .ort_moe import not_dropless_token_choice, own_modules
 
 PLUGIN_NAMESPACE = "moe_compile"
 PLUGIN_NAME = "moe_ffn"
@@ -33,7 +33,7 @@ OP_NAME = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 
 def tensorrt_unsupported_reason(layer: MoELayer) -> Optional[str]:
     """Why the moe_ffn plugin cannot compute exactly what `layer` computes, or None when it can."""
-    return not_dropless_token_choice(layer, PLUGIN_NAME)
+    return not_dropless_token_choice(layer, PLUGIN_NAME) or own_modules(layer, PLUGIN_NAME)
 
 
 class TensorRTMoE(nn.Module):

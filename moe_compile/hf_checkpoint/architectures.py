@@ -35,7 +35,7 @@ import torch
 
 from ..config import MoEConfig
 from ..errors import HFCheckpointError
-from ..moe import MoELayer
+from ..moe import MoELayer, activation_name
 
 MIXTRAL, QWEN2_MOE = "mixtral", "qwen2_moe"
 ARCHITECTURES = {MIXTRAL: "MixtralForCausalLM", QWEN2_MOE: "Qwen2MoeForCausalLM"}
@@ -198,7 +198,10 @@ def layer_tensors(layer: MoELayer, index: int, architecture: str, where: str) ->
     if biases:
         problems.append(f"it has biases ({', '.join(biases)}), the Hugging Face experts have none")
     if layer.activation not in HF_ACTIVATIONS:
-        problems.append(f"its activation {layer.activation!r} has no transformers name")
+        problems.append(f"its activation {activation_name(layer.activation)!r} has no transformers name")
+    if layer.hidden_norm is not None:
+        problems.append(f"its experts apply a hidden norm ({type(layer.hidden_norm).__name__}), the Hugging Face "
+                        "experts none")
     if layer.dropout.p > 0:
         problems.append(f"its experts apply dropout p={layer.dropout.p}, the Hugging Face experts none")
     if shared is not None and getattr(shared, "gate_weight", None) is None:

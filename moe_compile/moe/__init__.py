@@ -6,9 +6,9 @@ from typing import Optional
 import torch
 
 from ..config import MoEConfig
-from .activations import ACTIVATIONS, identify_activation
+from .activations import ACTIVATIONS, activation_name, identify_activation, is_elementwise
 from .calibration import SiteCalibration, compensation_means
-from .experts import ExpertWeights, build_experts, init_router_weight
+from .experts import ExpertWeights, build_experts, init_router_weight, split_problem
 from .ffn import DenseFFN
 from .layer import MoELayer, RoutingStats, aux_loss, iter_moe_layers, routing_stats
 from .routers import build_router
@@ -33,7 +33,8 @@ def build_moe_layer(ffn: DenseFFN, config: MoEConfig, seed: int,
     if config.compensate:
         _fold_compensation(experts, ffn, router.weight, routed.top_k, calibration, like)
     shared = None if experts.shared_neurons is None else _shared_expert(ffn, experts.shared_neurons)
-    return MoELayer(experts, router, ffn.activation, config.combine, ffn.dropout, shared=shared)
+    return MoELayer(experts, router, ffn.activation, config.combine, ffn.dropout, shared=shared,
+                    hidden_norm=ffn.hidden_norm)
 
 
 def _fold_compensation(experts: ExpertWeights, ffn: DenseFFN, router_weight: torch.Tensor, top_k: int,
@@ -54,8 +55,9 @@ def _shared_expert(ffn: DenseFFN, neurons: torch.Tensor) -> SharedExpert:
         return None if t is None else t.detach()[neurons].clone()
 
     return SharedExpert(rows(ffn.up_weight), rows(ffn.up_bias), ffn.down_weight.detach()[:, neurons].clone(),
-                        ffn.activation, rows(ffn.gate_weight), rows(ffn.gate_bias))
+                        ffn.activation, rows(ffn.gate_weight), rows(ffn.gate_bias), ffn.hidden_norm)
 
 
 __all__ = ["ACTIVATIONS", "DenseFFN", "ExpertWeights", "MoELayer", "RoutingStats", "SharedExpert", "SiteCalibration",
-           "aux_loss", "build_moe_layer", "identify_activation", "iter_moe_layers", "routing_stats"]
+           "activation_name", "aux_loss", "build_moe_layer", "identify_activation", "is_elementwise", "iter_moe_layers",
+           "routing_stats", "split_problem"]

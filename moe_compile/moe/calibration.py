@@ -23,7 +23,6 @@ from typing import Iterator, Optional
 
 import torch
 
-from .activations import ACTIVATIONS
 from .ffn import DenseFFN
 
 ROUTER_FIT_STEPS = 100
@@ -68,9 +67,7 @@ class SiteCalibration:
 
 def hidden_activations(ffn: DenseFFN, x: torch.Tensor) -> torch.Tensor:
     """h(x) [N, f] of the dense FFN (no down projection)."""
-    act = ACTIVATIONS[ffn.activation]
-    h = torch.nn.functional.linear(x, ffn.up_weight, ffn.up_bias)
-    return act(torch.nn.functional.linear(x, ffn.gate_weight, ffn.gate_bias)) * h if ffn.gated else act(h)
+    return ffn.hidden(x)
 
 
 def select_shared(calibration: SiteCalibration, count: int) -> torch.Tensor:
@@ -121,4 +118,4 @@ def _fp32_cpu(ffn: DenseFFN) -> DenseFFN:
         return None if t is None else t.detach().float().cpu()
 
     return DenseFFN(conv(ffn.up_weight), conv(ffn.up_bias), conv(ffn.down_weight), conv(ffn.down_bias),
-                    ffn.activation, conv(ffn.gate_weight), conv(ffn.gate_bias))
+                    ffn.activation, conv(ffn.gate_weight), conv(ffn.gate_bias), hidden_norm=ffn.hidden_norm)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from ..config import MoEConfig
+from ..errors import MoECompileError
+from .activations import is_elementwise
 from .calibration import SiteCalibration, fit_router, select_shared
 from .ffn import DenseFFN
 
@@ -58,10 +60,24 @@ def upcycle(ffn: DenseFFN, num_experts: int, noise: float, generator: torch.Gene
     )
 
 
+def split_problem(ffn: DenseFFN) -> Optional[str]:
+    """Why split experts cannot reproduce `ffn`, or None when they can."""
+    norm = ffn.hidden_norm
+    if norm is None or is_elementwise(norm):
+        return None
+    return (f"its hidden norm {type(norm).__name__} (between the activation and the down projection) acts on all "
+            f"{ffn.d_ff} neurons at once, and split experts each hold only some of them, so they would compute a "
+            "different model; use experts='upcycle' (each expert a copy of the whole FFN, norm included), or keep "
+            "the site dense")
+
+
 def split(ffn: DenseFFN, num_experts: int, strategy: str, generator: torch.Generator, shared_experts: int = 0,
           calibration: Optional[SiteCalibration] = None) -> ExpertWeights:
     """num_experts groups of d_ff / num_experts neurons; the first `shared_experts` groups' worth go to the
     shared expert (largest calibration mass; the first neurons when there is no calibration, for loading)."""
+    problem = split_problem(ffn)
+    if problem:
+        raise MoECompileError(f"split experts: {problem}.")
     size = ffn.d_ff // num_experts
     shared = None
     neurons = torch.arange(ffn.d_ff)

@@ -2,14 +2,13 @@
 
     y_t = sum_{kept rows r of token t} w_r FFN_{e_r}(x_t) + [token t has a kept row] b_out
 
-over the rows of the router's Dispatch (the routing's choices sorted by expert, see dispatch.py), with
-w = the row's gate ("weighted") or 1 ("unweighted", split experts), FFN_e the e-th expert (plain or gated, as
-the dense FFN was) and b_out the dense down-projection bias when split experts share it. Each expert runs one
-plain matmul per projection on its own contiguous rows: no padding, no empty slots, dropless unless the router
-has a capacity. The same forward is what `torch.export` captures for the portable ONNX lowering (the slice
-bounds become data-dependent Slice nodes; only the final sum per token is written with gathers there, see
-dispatch.run_experts). A shared expert (split experts with shared neurons), when present, is added for every
-token.
+over the rows of the router's Dispatch (the routing's choices sorted by expert, see dispatch.py), with w = the
+row's gate ("weighted") or 1 ("unweighted", split experts), FFN_e the e-th expert (plain or gated, as the dense FFN
+was, with its hidden norm if it has one) and b_out the dense down-projection bias when split experts share it. Each
+expert runs one plain matmul per projection on its own contiguous rows: no padding, no empty slots, dropless unless
+the router has a capacity. The same forward is what `torch.export` captures for the portable ONNX lowering (the
+slice bounds become data-dependent Slice nodes; only the final sum per token is written with gathers there, see
+dispatch.run_experts). A shared expert (split experts with shared neurons), when present, is added for every token.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LoweringError
+from .activations import Activation, activation_name
 from .dispatch import run_experts
 from .experts import ExpertWeights
 from .ffn import DenseFFN
@@ -43,15 +43,16 @@ class RoutingStats:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, experts: ExpertWeights, router: Router, activation: str, combine: str = "weighted",
-                 dropout: float = 0.0, shared: Optional[nn.Module] = None):
+    def __init__(self, experts: ExpertWeights, router: Router, activation: Activation, combine: str = "weighted",
+                 dropout: float = 0.0, shared: Optional[nn.Module] = None, hidden_norm: Optional[nn.Module] = None):
         super().__init__()
         self.shared = shared  # always-on expert (split with shared neurons), or None
         for name in _EXPERT_PARAMS:
             value = getattr(experts, name)
             self.register_parameter(name, None if value is None else nn.Parameter(value))
         self.router = router
-        self.activation = activation
+        self.activation = activation  # a module (learned activation) is a submodule, shared by every expert
+        self.hidden_norm = hidden_norm  # the dense FFN's own norm of h, shared by every expert (upcycle)
         self.combine = combine
         self.dropout = nn.Dropout(dropout)
         self.routing_stats: Optional[RoutingStats] = None
@@ -77,7 +78,8 @@ class MoELayer(nn.Module):
     def expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         """FFN_e on its rows [n, d] -> [n, d]."""
         return DenseFFN(self.up_weight[e], _row(self.up_bias, e), self.down_weight[e], _row(self.down_bias, e),
-                        self.activation, _row(self.gate_weight, e), _row(self.gate_bias, e))(rows)
+                        self.activation, _row(self.gate_weight, e), _row(self.gate_bias, e),
+                        hidden_norm=self.hidden_norm)(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing():
@@ -118,7 +120,8 @@ class MoELayer(nn.Module):
         weights = "" if self.expert_weight_bits is None else ", int{} weights in blocks of {}".format(
             *self.expert_weight_bits)
         return (f"experts={self.num_experts}, d_model={self.d_model}, expert_width={self.expert_width}, "
-                f"activation={self.activation}{', gated' if self.gated else ''}, combine={self.combine}{weights}")
+                f"activation={activation_name(self.activation)}{', gated' if self.gated else ''}"
+                f"{', hidden norm' if self.hidden_norm is not None else ''}, combine={self.combine}{weights}")
 
 
 def _row(stacked: Optional[torch.Tensor], e: int) -> Optional[torch.Tensor]:

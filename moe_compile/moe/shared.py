@@ -13,13 +13,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .activations import Activation, activation_name
 from .ffn import DenseFFN
 
 
 class SharedExpert(nn.Module):
     def __init__(self, up_weight: torch.Tensor, up_bias: Optional[torch.Tensor], down_weight: torch.Tensor,
-                 activation: str, gate_weight: Optional[torch.Tensor] = None,
-                 gate_bias: Optional[torch.Tensor] = None):
+                 activation: Activation, gate_weight: Optional[torch.Tensor] = None,
+                 gate_bias: Optional[torch.Tensor] = None, hidden_norm: Optional[nn.Module] = None):
         super().__init__()
         self.up_weight = nn.Parameter(up_weight)  # [m_s, d]
         self.up_bias = None if up_bias is None else nn.Parameter(up_bias)
@@ -27,6 +28,7 @@ class SharedExpert(nn.Module):
         self.gate_bias = None if gate_bias is None else nn.Parameter(gate_bias)
         self.down_weight = nn.Parameter(down_weight)  # [d, m_s]
         self.activation = activation
+        self.hidden_norm = hidden_norm  # an elementwise one (split refuses any other)
 
     @property
     def width(self) -> int:
@@ -34,7 +36,8 @@ class SharedExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return DenseFFN(self.up_weight, self.up_bias, self.down_weight, None, self.activation, self.gate_weight,
-                        self.gate_bias)(x)
+                        self.gate_bias, hidden_norm=self.hidden_norm)(x)
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, activation={self.activation}{', gated' if self.gate_weight is not None else ''}"
+        gated = ", gated" if self.gate_weight is not None else ""
+        return f"width={self.width}, activation={activation_name(self.activation)}{gated}"

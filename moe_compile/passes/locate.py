@@ -106,7 +106,7 @@ def _module_chain(model: nn.Module, match: FFNMatch, ops_per_module: Counter,
                   uses: Counter) -> Optional[ModuleChain]:
     """The chain up -> act [-> dropout] -> down, when each step is the one op of a childless module used once (a
     dropout written in the forward is left where it is)."""
-    if match.gated:
+    if match.gated or match.scales:  # a constant scale written in the forward would then apply twice
         return None
     dropout = match.hidden_dropout
     if dropout is not None and ops_per_module[_owner(dropout)] != 1:

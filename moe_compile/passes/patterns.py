@@ -1,14 +1,21 @@
 """FFN patterns over a torch.fx graph, as node predicates.
 
-    plain   x -> up -> act [-> dropout] -> down [-> dropout]            ->  MoE(x)
+    plain   x -> up -> act [-> dropout] [-> norm] -> down [-> dropout]            ->  MoE(x)
     gated   x -> gate -> act --\
-            x -> up -----------* [-> dropout] -> down [-> dropout]      ->  MoE(x)
+            x -> up -----------* [-> dropout] [-> norm] -> down [-> dropout]      ->  MoE(x)
             (gate and up may be the two halves of one fused projection, chunked along the last axis: Phi-3, GLM;
             or viewed as [..., 2, f] and indexed [..., i, :]: Moshi)
 
+Any projection's output may be multiplied by a constant s, a number or a tensor of shape [] or [out] computed
+from the module's own tensors and numbers alone (Falcon-H1's gate and down multipliers, Dory's per-channel scales):
+it is folded into the weights, s (W x + b) = (diag(s) W) x + s b, and the experts never see it.
+
 where up, gate and down are projections (nn.Linear, Conv1D, ...), act is any node that computes a known
 activation (a module such as nn.GELU or NewGELUActivation, F.gelu(..., approximate=...), F.silu, x.relu(), ...)
-and dropout an nn.Dropout module, F.dropout or aten.dropout. A dropout on the hidden activations (T5, BART) acts
+or an elementwise module with learned scalar parameters (Apertus' xIELU, kept as the module), norm is a module
+that maps the hidden vector to one of its shape (BitNet's RMSNorm, nGPT's L2 norm, kept as the module: split
+experts refuse one that is not elementwise, moe/experts.py), and dropout an nn.Dropout module, F.dropout or
+aten.dropout. A dropout on the hidden activations (T5, BART) acts
 only in training and MoE experts have none: the report says whether the rewrite drops it or leaves it acting on the
 FFN output. Matching (`match_ffns`) finds the anchor shape; checking (`check_match`) says why a match cannot be
 rewritten; neither changes the graph.
@@ -25,7 +32,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..moe import DenseFFN, identify_activation
+from ..moe import DenseFFN, activation_name, identify_activation, is_elementwise
+from ..moe.activations import Activation
 from .capture import Projection, as_projection
 
 _aten = torch.ops.aten
@@ -41,10 +49,13 @@ class FFNMatch:
     gate: Optional[fx.Node] = None
     mul: Optional[fx.Node] = None
     hidden_dropout: Optional[fx.Node] = None  # a dropout between act (or act * up) and down
+    norm: Optional[fx.Node] = None  # a module call on the hidden vector, just before down
+    norm_module: Optional[nn.Module] = None
+    scales: list[fx.Node] = field(default_factory=list)  # the constant multipliers folded into the projections
     act_region: list[fx.Node] = field(default_factory=list)  # an activation module's ATen ops, `act` the last
     halves: list[fx.Node] = field(default_factory=list)  # a fused gate_up projection's chunk and getitem nodes
     dropout: float = 0.0
-    activation: str = ""
+    activation: Activation = ""
     projections: dict[str, Projection] = field(default_factory=dict)
 
     @property
@@ -54,8 +65,8 @@ class FFNMatch:
     @property
     def nodes(self) -> list[fx.Node]:
         """Every node the rewrite replaces, in graph order."""
-        inner = [self.up, self.gate, *self.halves, *self.act_region, self.act, self.mul, self.hidden_dropout,
-                 self.down, self.output]
+        inner = [self.up, self.gate, *self.halves, *self.scales, *self.act_region, self.act, self.mul,
+                 self.hidden_dropout, self.norm, self.down, self.output]
         unique = {id(n): n for n in inner if n is not None}
         order = {n: i for i, n in enumerate(self.down.graph.nodes)}
         return sorted(unique.values(), key=order.__getitem__)
@@ -63,19 +74,21 @@ class FFNMatch:
     @property
     def pattern(self) -> str:
         kind = self.projections["up"].kind
-        act = self.activation
-        hidden = " -> Dropout" if self.hidden_dropout is not None else ""
+        act = activation_name(self.activation)
+        hidden = (" -> Dropout" if self.hidden_dropout is not None else "") + \
+            (f" -> {type(self.norm_module).__name__}" if self.norm is not None else "")
         gate, up = ("gate", "up") if self.gate is not self.up else ("gate half", "up half")
         core = (f"{kind}({gate}) -> {act} * {kind}({up}){hidden} -> {kind}(down)" if self.gated
                 else f"{kind} -> {act}{hidden} -> {kind}")
-        return core + (" -> Dropout" if self.output is not self.down else "")
+        dropout = " -> Dropout" if self.output is not self.down and self.output not in self.scales else ""
+        return core + dropout + (" (constant scales folded)" if self.scales else "")
 
     def dense_ffn(self) -> DenseFFN:
         up, down, gate = self.projections["up"], self.projections["down"], self.projections.get("gate")
         return DenseFFN(up_weight=up.weight, up_bias=up.bias, down_weight=down.weight, down_bias=down.bias,
                         activation=self.activation,
                         gate_weight=gate.weight if gate else None, gate_bias=gate.bias if gate else None,
-                        dropout=self.dropout)
+                        dropout=self.dropout, hidden_norm=self.norm_module)
 
 
 def _module(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
@@ -151,15 +164,18 @@ def _module_region(node: fx.Node) -> Optional[set[fx.Node]]:
     return None if users_outside or len(region) < 2 else region
 
 
-def _activation(node: fx.Node, root: nn.Module) -> Optional[str]:
-    """The activation a node computes of its single tensor input, found by evaluating it on a probe."""
+def _activation(node: fx.Node, root: nn.Module) -> Optional[Activation]:
+    """The activation a node computes of its single tensor input, found by evaluating it on a probe: a name, or
+    the module itself when it holds learned parameters and is elementwise."""
     tensor_inputs = [a for a in node.all_input_nodes]
     if len(tensor_inputs) != 1 or node.op not in ("call_module", "call_function", "call_method"):
         return None
     if node.op == "call_module":
         module = _module(node, root)
-        if any(True for _ in module.parameters()) or len(node.args) != 1:
+        if len(node.args) != 1:
             return None
+        if any(True for _ in module.parameters()):
+            return module if is_elementwise(module) else None
         return identify_activation(module)
     if not isinstance(node.args[0], fx.Node) or node.args[0] is not tensor_inputs[0]:
         return None
@@ -184,7 +200,8 @@ def _is_mul(node: fx.Node) -> bool:
 
 
 def match_ffns(gm_root: nn.Module, graph: fx.Graph) -> list[FFNMatch]:
-    """Every FFN anchored at a down projection whose input is an activation (plain) or act * up (gated)."""
+    """Every FFN anchored at a down projection whose input is an activation (plain) or act * up (gated), or a
+    norm module of one."""
     matches = []
     for down in graph.nodes:
         down_proj = _projection(down, gm_root)
@@ -196,16 +213,35 @@ def match_ffns(gm_root: nn.Module, graph: fx.Graph) -> list[FFNMatch]:
         if _dropout(h, gm_root) is not None and h.args and isinstance(h.args[0], fx.Node):
             h = h.args[0]
         match = _match_plain(h, down, gm_root) or _match_gated(h, down, gm_root)
+        norm = _norm_module(h, gm_root) if match is None else None
+        if norm is not None:
+            match = _match_plain(h.args[0], down, gm_root) or _match_gated(h.args[0], down, gm_root)
+            if match is not None:
+                match.norm, match.norm_module, h = h, norm, h.args[0]
         if match is None:
             continue
-        if hidden_dropout is not h:
+        if hidden_dropout is not h and hidden_dropout is not match.norm:
             match.hidden_dropout = hidden_dropout
-        match.projections["down"] = down_proj
         users = list(down.users)
+        inner, scale, nodes = _unscaled(users[0], gm_root) if len(users) == 1 else (None, None, [])
+        if inner is down and (scaled := _scaled(down_proj, scale)) is not None:
+            down_proj, match.output = scaled, users[0]
+            match.scales += nodes
+        match.projections["down"] = down_proj
+        users = list(match.output.users)
         if len(users) == 1 and (p := _dropout(users[0], gm_root)) is not None:
             match.output, match.dropout = users[0], p
         matches.append(match)
     return matches
+
+
+def _norm_module(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
+    """The module a call node runs on one tensor, when it is neither a projection nor has children (a norm)."""
+    module = _module(node, root)
+    if module is None or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node) or \
+            next(module.children(), None) is not None or as_projection(module) is not None:
+        return None
+    return module
 
 
 def _match_plain(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatch]:
@@ -213,11 +249,12 @@ def _match_plain(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatc
     if found is None:
         return None
     activation, up, region = found
-    up_proj = _projection(up, root)
+    up, scale, scales = _unscaled(up, root)
+    up_proj = _scaled(_projection(up, root), scale)
     if up_proj is None:
         return None
     return FFNMatch(input=up.args[0], up=up, down=down, act=h, output=down, activation=activation,
-                    projections={"up": up_proj}, act_region=region)
+                    projections={"up": up_proj}, act_region=region, scales=scales)
 
 
 def _match_gated(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatch]:
@@ -228,18 +265,76 @@ def _match_gated(h: fx.Node, down: fx.Node, root: nn.Module) -> Optional[FFNMatc
         if found is None:
             continue
         activation, gate, region = found
+        (gate, gate_scale, gate_scales), (up, up_scale, up_scales) = _unscaled(gate, root), _unscaled(up, root)
         fused = _fused_halves(gate, up, root)
         if fused is not None:
             projection, gate_proj, up_proj, halves = fused
-            return FFNMatch(input=projection.args[0], up=projection, down=down, act=act, output=down,
-                            gate=projection, mul=h, activation=activation, act_region=region, halves=halves,
-                            projections={"up": up_proj, "gate": gate_proj})
-        gate_proj, up_proj = _projection(gate, root), _projection(up, root)
-        if gate_proj is None or up_proj is None or gate.args[0] is not up.args[0]:
+            gate, up, x = projection, projection, projection.args[0]
+        else:
+            gate_proj, up_proj, halves = _projection(gate, root), _projection(up, root), []
+            if gate_proj is None or up_proj is None or gate.args[0] is not up.args[0]:
+                continue
+            x = up.args[0]
+        gate_proj, up_proj = _scaled(gate_proj, gate_scale), _scaled(up_proj, up_scale)
+        if gate_proj is None or up_proj is None:
             continue
-        return FFNMatch(input=up.args[0], up=up, down=down, act=act, output=down, gate=gate, mul=h,
-                        activation=activation, projections={"up": up_proj, "gate": gate_proj}, act_region=region)
+        return FFNMatch(input=x, up=up, down=down, act=act, output=down, gate=gate, mul=h, activation=activation,
+                        projections={"up": up_proj, "gate": gate_proj}, act_region=region, halves=halves,
+                        scales=gate_scales + up_scales)
     return None
+
+
+def _unscaled(node: fx.Node, root: nn.Module) -> tuple[fx.Node, Optional[torch.Tensor], list[fx.Node]]:
+    """(p, s, the nodes that compute s and p * s) when `node` is p * s or s * p with s a constant; else
+    (node, None, [])."""
+    if _is_mul(node) and len(node.args) == 2 and not node.kwargs:
+        for p, c in (node.args, node.args[::-1]):
+            found = _constant(c, root) if isinstance(p, fx.Node) else None
+            if found is not None:
+                return p, found[0], [*found[1], node]
+    return node, None, []
+
+
+def _constant(arg, root: nn.Module) -> Optional[tuple[torch.Tensor, list[fx.Node]]]:
+    """(value, the nodes that compute it) of an argument that depends on no input: a number, one of the module's
+    tensors, or an op of those (evaluated twice, to refuse a random one)."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return torch.tensor(float(arg)), []
+    if not isinstance(arg, fx.Node):
+        return None
+    if arg.op == "get_attr":
+        value = _attr(root, arg.target)
+        return (value.detach(), [arg]) if isinstance(value, torch.Tensor) else None
+    if arg.op not in ("call_function", "call_method") or not arg.all_input_nodes:
+        return None
+    parts = {n: _constant(n, root) for n in arg.all_input_nodes}
+    if any(found is None for found in parts.values()):
+        return None
+    args, kwargs = fx.node.map_arg((arg.args, arg.kwargs), lambda n: parts[n][0])
+    run = arg.target if arg.op == "call_function" else lambda x, *rest, **kw: getattr(x, arg.target)(*rest, **kw)
+    try:
+        with torch.no_grad():
+            value, again = run(*args, **kwargs), run(*args, **kwargs)
+    except Exception:
+        return None
+    if not isinstance(value, torch.Tensor) or not torch.equal(value, again):
+        return None
+    return value, [n for found in parts.values() for n in found[1]] + [arg]
+
+
+def _scaled(projection: Optional[Projection], scale: Optional[torch.Tensor]) -> Optional[Projection]:
+    """s (x W^T + b) = x (diag(s) W)^T + s b, for a floating s of shape [] or [..., out] (leading axes of size 1);
+    the projection itself when there is no s, None when s is not such."""
+    if projection is None or scale is None:
+        return projection
+    out = projection.out_features
+    if not scale.is_floating_point() or scale.numel() not in (1, out) or \
+            (scale.dim() and scale.shape[-1] != scale.numel()):
+        return None
+    column = scale.reshape(-1, 1).to(projection.weight)
+    with torch.no_grad():
+        bias = None if projection.bias is None else projection.bias * column[:, 0]
+        return Projection(projection.weight * column, bias, projection.kind)
 
 
 def _fused_halves(gate: fx.Node, up: fx.Node,
@@ -334,4 +429,17 @@ def check_match(match: FFNMatch) -> Optional[str]:
     escaping = [n.name for n in inner if any(u not in match.nodes for u in n.users)]
     if escaping:
         return f"intermediate values {escaping} are also used outside the FFN"
+    if match.norm is not None and not _keeps_shape(match.norm_module, up):
+        return (f"the module {match.norm.target} between the activation and the down projection does not map the "
+                f"{up.out_features} hidden values to as many")
     return None
+
+
+def _keeps_shape(module: nn.Module, up: Projection) -> bool:
+    probe = torch.randn(2, up.out_features, generator=torch.Generator().manual_seed(0)).to(up.weight)
+    try:
+        with torch.no_grad():
+            out = module(probe)
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == probe.shape

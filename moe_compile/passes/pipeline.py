@@ -7,7 +7,8 @@
                  block (locate.py); a block whose FFN is not a chain of modules is captured with torch.export on
                  the arguments it receives in one forward (capture.py) and matched again
     3. check     keep the matches that can be rewritten, with the reason for each one that cannot
-    4. validate  check the config against every site before anything changes (e.g. d_ff % E for split)
+    4. validate  check the config against every site before anything changes (e.g. d_ff % E for split, no split
+                 of an FFN whose hidden norm couples its neurons)
     5. calibrate with calibration data: record a sample of each site's inputs on the dense model (calibrate.py)
     6. build     make each site's MoE layer (experts + router), seeded per site, from its calibration if any
     7. rewrite   replace each site, smallest modules first, and attach the report to the model
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from ..config import MoEConfig
 from ..errors import MoECompileError, NoFFNFoundError, first_line
 from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelInputs, as_model_inputs, default_inputs, widened
-from ..moe import MoELayer, SiteCalibration, build_moe_layer
+from ..moe import MoELayer, SiteCalibration, build_moe_layer, split_problem
 from .calibrate import distill, record_ffn_inputs
 from .capture import as_projection, candidate_modules, export_module, record_calls, trace
 from .locate import LocatedFFN, ModuleChain, locate_ffns, relative
@@ -39,7 +40,8 @@ from .report import ConversionReport, ModuleNote, SiteReport
 from .rewrite import covers_whole_module, replace_submodule, rewrite_inline, rewrite_module_chain
 
 SEARCHED_FOR = ("Linear/Conv1D -> activation -> Linear/Conv1D [-> Dropout] and gated "
-                "down(act(gate(x)) * up(x)), in every module with two or more projection children")
+                "down(act(gate(x)) * up(x)) (a norm module may come before down), in every module with two or more "
+                "projection children")
 
 
 @dataclass
@@ -226,15 +228,19 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
         config = config.with_calibration()
         layer_configs = {name: c if c is None else c.with_calibration() for name, c in layer_configs.items()}
     configs = {s.report.name: layer_configs.get(s.report.name, config) for s in todo}
+    ffns = {site.report.name: _site_ffn(site) for site in todo}
     for site in todo:
         configs[site.report.name].check_ffn_width(site.report.d_ff, site.report.name)
+        problem = split_problem(ffns[site.report.name]) if configs[site.report.name].experts == "split" else None
+        if problem:
+            raise MoECompileError(f"convert: cannot split {site.report.name} into experts: {problem} (layer_configs "
+                                  f"{{{site.report.name!r}: None}}).")
     if any(c.routing == "expert_choice" for c in configs.values()):
         warnings.warn("expert_choice routing is not causal: an expert picks tokens by comparing every token of a "
                       "routing group, so a decoder's output at position t can depend on later positions. Use "
                       "switch or token_choice for autoregressive generation.", UserWarning, stacklevel=2)
 
     show = progress if progress is not None else len(todo) >= 8
-    ffns = {site.report.name: _site_ffn(site) for site in todo}
     fitted = {name: c for name, c in configs.items() if c.experts == "split"} if batches is not None else {}
     recorded = {} if not fitted else record_ffn_inputs(
         target, {name: ffns[name] for name in fitted}, batches, max(c.calibration_tokens for c in fitted.values()),

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 import moe_compile
 from moe_compile.export import TOLERANCES
 from moe_compile.export.ort_moe import OrtMoE, ort_unsupported_reason
+from moe_compile.export.trt_moe import tensorrt_unsupported_reason
 from moe_compile.moe import iter_moe_layers
 
-from .conftest import features, one_layer_moe, with_shared_expert
+from ..passes.test_patterns import LearnedSwish, RMSNorm
+from .conftest import features, one_layer_moe, to_moe, with_shared_expert
 
 # (FFN, MoEConfig fields): every activation_type we emit, biases on and off, normalize on and off, unweighted
 # (split experts) with k = 1, a power of two and not
@@ -67,4 +70,19 @@ def test_shared_expert_is_exported(tmp_path, target):
     model = with_shared_expert(one_layer_moe(activation="silu", gated=True, experts="split", combine="weighted"))
     report = moe_compile.export(model, features((2, 8)), tmp_path / "m.onnx", target=target, fallback=False)
     assert report.layers[0].lowering == ("com.microsoft.MoE" if target == "ort" else "portable")
+    assert moe_compile.check_parity(model, tmp_path / "m.onnx", features((3, 13), seed=1)).passed
+
+
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_experts_with_the_models_own_modules_are_lowered_portably(tmp_path, target):
+    """A learned activation and a hidden norm are the model's own modules, run by every expert: the fused nodes
+    have no attribute for them, so the layer keeps the portable lowering, which exports them as they are."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 32), LearnedSwish(), RMSNorm(32), nn.Linear(32, 16)).eval()
+    model = to_moe(dense)
+    (_, layer), = iter_moe_layers(model)
+    for reason in (ort_unsupported_reason(layer), tensorrt_unsupported_reason(layer)):
+        assert "own activation LearnedSwish (learned) and hidden norm RMSNorm" in reason
+    report = moe_compile.export(model, features((2, 8)), tmp_path / "m.onnx", target=target)
+    assert report.layers[0].lowering == "portable"
     assert moe_compile.check_parity(model, tmp_path / "m.onnx", features((3, 13), seed=1)).passed

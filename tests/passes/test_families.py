@@ -57,6 +57,24 @@ FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM",
               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16), "Linear(gate) -> gelu_tanh * Linear(up) -> Linear(down)"),
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM",  # number multipliers on the gate and down projection
+                  dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16,
+                       mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16, mlp_multipliers=[0.7, 1.3]),
+                  "Linear(gate) -> silu * Linear(up) -> Linear(down) (constant scales folded)"),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM",  # xIELU, an activation with learned scalars
+                dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2), "Linear -> XIELUActivation (learned) -> Linear"),
+}
+# family -> (config class, model class, config fields, expected pattern): a norm of the hidden vector before down
+HIDDEN_NORMS = {
+    "bitnet": ("BitNetConfig", "BitNetForCausalLM",
+               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2), "Linear(gate) -> relu2 * Linear(up) -> BitNetRMSNorm -> Linear(down)"),
+    "dory": ("DoryConfig", "DoryForCausalLM",  # nGPT: per-channel scales on gate and up, an L2 norm
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16),
+             "Linear(gate) -> silu * Linear(up) -> DoryL2Norm -> Linear(down) (constant scales folded)"),
 }
 
 
@@ -73,3 +91,21 @@ def test_family_is_found_and_converted_exactly(family):
     with torch.no_grad():
         error = (moe(ids).logits - dense(ids).logits).abs().max().item()
     assert error <= 1e-5
+
+
+@pytest.mark.parametrize("family", HIDDEN_NORMS)
+def test_a_hidden_norm_is_upcycled_exactly_and_not_split(family):
+    config_class, model_class, fields, pattern = HIDDEN_NORMS[family]
+    torch.manual_seed(0)
+    dense = getattr(transformers, model_class)(getattr(transformers, config_class)(**fields, **SMALL)).eval()
+    with torch.no_grad():  # scales and norm weights away from their initial ones
+        for name, p in dense.named_parameters():
+            if p.dim() == 1 and "mlp" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    moe = moe_compile.convert(dense, MoEConfig(num_experts=4, top_k=2), example_inputs=ids)
+    assert [site.pattern for site in moe.moe_report.converted] == [pattern] * 2, moe.moe_report.table()
+    with torch.no_grad():
+        assert (moe(ids).logits - dense(ids).logits).abs().max().item() <= 1e-5
+    with pytest.raises(moe_compile.MoECompileError, match="cannot split model.layers.0.mlp into experts: its hidden"):
+        moe_compile.convert(dense, MoEConfig(num_experts=4, top_k=4, experts="split"), example_inputs=ids)

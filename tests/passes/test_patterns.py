@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_compile import MoEConfig, NoFFNFoundError, convert, find_ffn_blocks
+from moe_compile import MoECompileError, MoEConfig, NoFFNFoundError, convert, find_ffn_blocks
 from moe_compile.moe import MoELayer
 
 D, H = 16, 32
@@ -427,3 +427,117 @@ def test_halves_of_a_viewed_projection_are_gate_and_up():
         assert (converted(x) - model(x)).abs().max() <= 1e-5
     leaking = find_ffn_blocks(ViewedHalves(leak=True).eval())
     assert leaking.sites == []  # its size is read outside the FFN: the projection cannot be replaced
+
+
+# ---------------------------------------------------------------- constant scales, learned activations, hidden norms
+
+class Scaled(nn.Module):
+    """Falcon-H1's multipliers (numbers on the gate and the down projection) and Dory's per-channel scales (a
+    parameter times a number) on the up projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(D, H), nn.Linear(D, H), nn.Linear(H, D)
+        self.up_scale = nn.Parameter(torch.rand(H) + 0.5)
+
+    def forward(self, x):
+        h = F.silu(self.gate(x) * 0.7) * (self.up(x) * (self.up_scale * H ** 0.5))
+        return self.down(h) * 1.3
+
+
+class InputScaled(Scaled):
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x) * x.mean()) * self.up(x))  # a scale that depends on x is no constant
+
+
+class LearnedSwish(nn.Module):
+    """y = a x sigmoid(b x) with learned scalars a, b (an elementwise activation of its own, like xIELU)."""
+
+    def __init__(self, per_channel: bool = False):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([1.2]))
+        self.b = nn.Parameter(torch.full((H,) if per_channel else (1,), 0.8))
+
+    def forward(self, x):
+        return self.a * x * torch.sigmoid(self.b * x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, h):
+        return self.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class HiddenNorm(nn.Module):
+    """BitNet's FFN: down(norm(act(gate(x)) * up(x))), norm the model's own module."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(D, H), nn.Linear(D, H), nn.Linear(H, D)
+        self.norm = norm
+
+    def forward(self, x):
+        return self.down(self.norm(F.silu(self.gate(x)) * self.up(x)))
+
+
+def _exact_both_ways(model, split: bool = True):
+    """Upcycle top-2 of 4 and (split=True) split k = E = 4 reproduce the dense model; returns the upcycled one."""
+    model = model.eval()
+    configs = [MoEConfig(num_experts=4, top_k=2)] + [MoEConfig(num_experts=4, top_k=4, experts="split")] * split
+    for config in configs:
+        converted = convert(model, config)
+        assert isinstance(converted.ffn, MoELayer), converted.moe_report.table()
+        with torch.no_grad():
+            assert (converted(IDS) - model(IDS)).abs().max().item() <= 1e-5
+    return convert(model, configs[0])
+
+
+def test_constant_scales_fold_into_the_projections():
+    model = Host(Scaled())
+    (site,) = find_ffn_blocks(model).sites
+    assert site.pattern == "Linear(gate) -> silu * Linear(up) -> Linear(down) (constant scales folded)"
+    moe = _exact_both_ways(model)
+    assert not any("scale" in name for name, _ in moe.named_parameters())  # folded: the experts hold plain weights
+
+
+def test_a_scale_that_depends_on_the_input_is_not_folded():
+    assert find_ffn_blocks(Host(InputScaled())).sites == []
+
+
+def test_a_learned_elementwise_activation_is_kept_as_the_module():
+    model = Host(nn.Sequential(nn.Linear(D, H), LearnedSwish(), nn.Linear(H, D)))
+    (site,) = find_ffn_blocks(model).sites
+    assert site.pattern == "Linear -> LearnedSwish (learned) -> Linear"
+    moe = _exact_both_ways(model)
+    assert isinstance(moe.ffn.activation, LearnedSwish) and "ffn.activation.a" in moe.state_dict()
+
+
+def test_a_learned_activation_with_a_parameter_per_channel_is_not_elementwise():
+    model = Host(nn.Sequential(nn.Linear(D, H), LearnedSwish(per_channel=True), nn.Linear(H, D)))
+    assert find_ffn_blocks(model).sites == []
+
+
+def test_a_hidden_norm_is_upcycled_and_split_is_refused():
+    model = Host(HiddenNorm(RMSNorm(H)))
+    (site,) = find_ffn_blocks(model).sites
+    assert site.pattern == "Linear(gate) -> silu * Linear(up) -> RMSNorm -> Linear(down)"
+    moe = _exact_both_ways(model, split=False)
+    assert isinstance(moe.ffn.hidden_norm, RMSNorm)
+    with pytest.raises(MoECompileError, match="cannot split ffn into experts: its hidden norm RMSNorm"):
+        convert(model, MoEConfig(num_experts=4, top_k=4, experts="split"))
+
+
+def test_an_elementwise_hidden_module_splits_exactly():
+    _exact_both_ways(Host(HiddenNorm(nn.Tanh())))
+
+
+def test_a_hidden_module_that_changes_the_width_is_skipped():
+    class Halve(nn.Module):
+        def forward(self, h):
+            return torch.cat([h[..., ::2], h[..., 1::2]], -1)[..., : H // 2]
+
+    (site,) = find_ffn_blocks(HiddenNorm(Halve())).sites
+    assert site.action == "skipped" and "does not map the 32 hidden values" in site.reason
