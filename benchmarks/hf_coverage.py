@@ -237,7 +237,9 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
             notes = "; ".join(sorted({n.outcome for n in report.notes if "torch.fx" not in n.outcome}))
             return {**row, "status": "not found", "reason": notes[:300] or "no FFN pattern in any module"}
         except Exception as error:  # noqa: BLE001
-            return {**row, "status": "skipped", "reason": f"convert raised {first_line(error, 200)}"}
+            before = "".join(f"{done} {'exact' if e <= TOLERANCE else 'not exact'} ({e:.0e}); "
+                             for done, e in errors.items())  # BitNet: upcycle exact, split refused
+            return {**row, "status": "skipped", "reason": f"{before}{label}: convert raised {first_line(error, 200)}"}
         report = moe.moe_report
         row["sites"] = len(report.converted)
         row["patterns"] = sorted({s.pattern for s in report.converted})
