@@ -6,19 +6,18 @@
             (gate and up may be the two halves of one fused projection, chunked along the last axis: Phi-3, GLM;
             or viewed as [..., 2, f] and indexed [..., i, :]: Moshi)
 
+where up, gate and down are projections (nn.Linear, Conv1D, ...), act is any node that computes a known activation
+(a module such as nn.GELU or NewGELUActivation, F.gelu(..., approximate=...), F.silu, x.relu(), ...) or an
+elementwise module with learned scalar parameters (Apertus' xIELU, kept as the module), norm is a module that maps
+the hidden vector to one of its shape (BitNet's RMSNorm, nGPT's L2 norm, kept as the module: split experts refuse
+one that is not elementwise, moe/experts.py), and dropout an nn.Dropout module, F.dropout or aten.dropout. A dropout
+on the hidden activations (T5, BART) acts only in training and MoE experts have none: the report says whether the
+rewrite drops it or leaves it acting on the FFN output. Matching (`match_ffns`) finds the anchor shape; checking
+(`check_match`) says why a match cannot be rewritten; neither changes the graph.
+
 Any projection's output may be multiplied by a constant s, a number or a tensor of shape [] or [out] computed
 from the module's own tensors and numbers alone (Falcon-H1's gate and down multipliers, Dory's per-channel scales):
 it is folded into the weights, s (W x + b) = (diag(s) W) x + s b, and the experts never see it.
-
-where up, gate and down are projections (nn.Linear, Conv1D, ...), act is any node that computes a known
-activation (a module such as nn.GELU or NewGELUActivation, F.gelu(..., approximate=...), F.silu, x.relu(), ...)
-or an elementwise module with learned scalar parameters (Apertus' xIELU, kept as the module), norm is a module
-that maps the hidden vector to one of its shape (BitNet's RMSNorm, nGPT's L2 norm, kept as the module: split
-experts refuse one that is not elementwise, moe/experts.py), and dropout an nn.Dropout module, F.dropout or
-aten.dropout. A dropout on the hidden activations (T5, BART) acts
-only in training and MoE experts have none: the report says whether the rewrite drops it or leaves it acting on the
-FFN output. Matching (`match_ffns`) finds the anchor shape; checking (`check_match`) says why a match cannot be
-rewritten; neither changes the graph.
 """
 
 from __future__ import annotations
