@@ -5,9 +5,9 @@ Linear -> GELU -> Linear -> Dropout, tied embeddings). `InlineNanoGPT` is the sa
 inline in the block's forward (no MLP submodule), the shape many research codebases use. With `gated=True` the
 FFN is down(act(gate(x)) * up(x)) (SwiGLU with activation "silu"), of width `ffn_width` (default 4 * n_embd).
 `RuntimeMaskGPT` is hand-written GPT code as people write it: the block builds its causal mask from the sequence
-length at run time (`torch.ones(t, t)`, which torch.fx cannot trace) and applies its FFN inline with a
-functional activation, `shrink(gelu(expand(h)))`; `GatedRuntimeMaskGPT` gates it, `shrink(silu(valve(h)) *
-expand(h))`.
+length at run time (`torch.ones(t, past + t)`, which torch.fx cannot trace), applies its FFN inline with a functional
+activation, `shrink(gelu(expand(h)))`, and takes a KV cache of (keys, values) tensors per block (`past`,
+`use_cache`) for generation; `GatedRuntimeMaskGPT` gates it, `shrink(silu(valve(h)) * expand(h))`.
 
 `load_checkpoint` reads the small trained GPTs that examples/train_tiny_gpts.py writes (safetensors, with the
 GPTConfig in the file's metadata).
@@ -137,7 +137,9 @@ class InlineBlock(nn.Module):
 
 
 class RuntimeMaskBlock(nn.Module):
-    """Attention with a causal mask built from x.shape[1] at run time; the FFN inline, with a functional activation."""
+    """Attention with a causal mask built from the sizes at run time, over a KV cache when given one (`past`: keys
+    and values [B, heads, P, head_dim]; use_cache=True also returns them with this call's appended); the FFN
+    inline, with a functional activation."""
 
     gated = False
 
@@ -154,17 +156,22 @@ class RuntimeMaskBlock(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.activation = _ACTIVATION_FUNCTIONS[config.activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                use_cache: bool = False):
         b, t, d = x.shape
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
                    for z in self.qkv(self.ln_1(x)).split(d, -1))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        total = k.shape[2]
+        mask = torch.ones(t, total, dtype=torch.bool, device=x.device).tril(total - t)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.n_head)
         attention = self.drop(scores.masked_fill(~mask, float("-inf")).softmax(-1)) @ v
         x = x + self.c_proj(attention.transpose(1, 2).reshape(b, t, d))
         h = self.ln_2(x)
         h = F.silu(self.valve(h)) * self.expand(h) if self.gated else self.activation(self.expand(h))
-        return x + self.drop(self.shrink(h))
+        x = x + self.drop(self.shrink(h))
+        return (x, (k, v)) if use_cache else x
 
 
 class GatedRuntimeMaskBlock(RuntimeMaskBlock):
@@ -216,8 +223,23 @@ class InlineNanoGPT(NanoGPT):
 class RuntimeMaskGPT(NanoGPT):
     block_class = RuntimeMaskBlock
 
+    def forward(self, idx: torch.Tensor, past: Optional[list] = None, use_cache: bool = False):
+        """Token ids [B, S] -> logits [B, S, vocab]; with use_cache=True, (logits, each block's (keys, values)),
+        which `past` takes back to continue the sequence at position P (the cached length)."""
+        start = 0 if past is None else past[0][0].shape[2]
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        presents = []
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, past=None if past is None else past[i], use_cache=use_cache)
+            if use_cache:
+                x, present = x
+                presents.append(present)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return (logits, presents) if use_cache else logits
 
-class GatedRuntimeMaskGPT(NanoGPT):
+
+class GatedRuntimeMaskGPT(RuntimeMaskGPT):
     block_class = GatedRuntimeMaskBlock
 
 

@@ -28,7 +28,6 @@ import torch.nn as nn
 
 from ..errors import MoECompileError, first_line
 from ..moe import MoELayer, iter_moe_layers
-from ..passes.capture import is_captured
 from ..source_files import copy_source_files, source_dir
 from .ort_moe import may_drop
 
@@ -114,13 +113,11 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     try:
         with torch.no_grad():
             out = model(input_ids=ids, use_cache=True)
+    except MoECompileError:  # a captured block that cannot take the cache names itself
+        raise
     except Exception as error:
-        captured = [n for n, module in model.named_modules() if is_captured(module)]
-        blocks = (f" Its blocks {', '.join(captured)} were captured by torch.export on a call without a cache and "
-                  "replay that call; convert with example inputs the blocks receive with a cache, or keep the FFN in "
-                  "a module of its own." if captured else "")
         raise MoECompileError(f"export(task='text-generation'): {name} fails when called with use_cache=True: "
-                              f"{first_line(error, 300)}.{blocks}") from None
+                              f"{first_line(error, 300)}.") from None
     cache = returned_cache(out)
     layers = getattr(cache, "layers", None)
     if not layers or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4 for layer in layers):

@@ -2,9 +2,10 @@
 
     trace           a candidate's torch.fx graph, every direct child left opaque (call_module nodes)
     record_calls    the arguments each of some modules receives in one forward of the whole model
-    export_module   a module torch.fx cannot trace, as its torch.export (ATen) graph on recorded arguments:
+    export_module   a module torch.fx cannot trace, as its torch.export (ATen) graph on one call's arguments:
                     a GraphModule holding the module's own parameters, dynamic in every axis its code does not fix
-                    (batch, sequence), its dropouts nn.Dropout modules so that they follow train() / eval()
+                    (batch, sequence), its dropouts nn.Dropout modules so that they follow train() / eval();
+                    captured.py keeps one such graph per kind of call a rewritten block receives
 
 A module is a candidate when at least two of its direct children are projections (a module that computes
 x W^T + b). Candidates are visited children first, so an FFN is found in the smallest module that holds it,
@@ -15,6 +16,7 @@ transformers' Conv1D (weight stored [in, out]) are both found.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -24,7 +26,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
 from ..errors import MoECompileError
 from ..model_io import ModelCall, ModelInputs
@@ -114,7 +116,7 @@ def record_calls(model: nn.Module, inputs: ModelInputs, modules: dict[str, nn.Mo
 
     def recorder(name: str):
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls.setdefault(name, (args, kwargs))
+            calls.setdefault(name, tree_map(lambda value: value, (args, kwargs)))  # containers as they came in
         return record
 
     hooks = [module.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, module in modules.items()]
@@ -127,31 +129,32 @@ def record_calls(model: nn.Module, inputs: ModelInputs, modules: dict[str, nn.Mo
     return calls
 
 
-CAPTURED = "moe_compile.captured"  # GraphModule.meta key of a block captured by export_module
+def keyword_constants(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments without tensors that reach the forward's **kwargs (transformers passes flags such as
+    use_cache so): torch.export takes them bound to the forward, not as inputs of the graph."""
+    named = {name for name, p in inspect.signature(module.forward).parameters.items() if p.kind != p.VAR_KEYWORD}
+    return {k: v for k, v in kwargs.items()
+            if k not in named and not any(isinstance(t, torch.Tensor) for t in tree_leaves(v))}
 
 
-def is_captured(module: nn.Module) -> bool:
-    """Whether `module` is a block's torch.export capture, which replays the kind of call it was recorded from."""
-    return isinstance(module, fx.GraphModule) and bool(module.meta.get(CAPTURED))
-
-
-def export_module(module: nn.Module, call: Call, name: str = "") -> fx.GraphModule:
-    """`module`'s torch.export graph on the recorded call (exported in eval mode; raises what torch.export raises).
-
-    Keyword arguments without tensors that reach the forward's **kwargs (transformers passes flags such as
-    use_cache so) are bound as constants for the export; a forward pre-hook drops them from later calls that pass
-    the same values and refuses, naming the block (`name`) and the argument, a call that passes others."""
-    args, kwargs = call
-    signature = inspect.signature(module.forward)
-    named = {name for name, p in signature.parameters.items() if p.kind != p.VAR_KEYWORD}
-    constants = {k: v for k, v in kwargs.items()
-                 if k not in named and not any(isinstance(t, torch.Tensor) for t in tree_leaves(v))}
+def export_module(module: nn.Module, call: Call) -> fx.GraphModule:
+    """`module`'s torch.export graph on the call (exported in eval mode; raises what torch.export raises), taking
+    the call's arguments less its keyword_constants, which the graph computes with. A forward that grows a list or
+    dict it was given (appends its present key/values to one, say) is refused: a graph returns tensors and would
+    drop that change silently."""
+    grown = _grown_arguments(module, call)
+    if grown:
+        raise MoECompileError(f"{type(module).__name__}.forward grows {', '.join(grown)} in place (a list or dict it "
+                              "was given), which a torch.export graph would drop silently; return those values instead")
+    # views as examples would make torch.export guard on their base tensors, which a later call's need not have
+    args, kwargs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) and v._base is not None else v, call)
+    constants = keyword_constants(module, kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k not in constants}
 
     def any_size(value: Any) -> Optional[dict]:  # every axis of a tensor, as torch.export finds it; others fixed
         return {axis: torch.export.Dim.AUTO for axis in range(value.dim())} if isinstance(value, torch.Tensor) else None
 
-    bound = signature.bind(*args, **kwargs).arguments
+    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
     dynamic_shapes = {name: tree_map(any_size, value) for name, value in bound.items()}
     was_training = module.training
     module.forward = functools.partial(module.forward, **constants)
@@ -165,36 +168,22 @@ def export_module(module: nn.Module, call: Call, name: str = "") -> fx.GraphModu
         logger.setLevel(level)
     graph_module = program.module()
     _dropouts_as_modules(graph_module)
-    captured = fx.GraphModule(graph_module, graph_module.graph, class_name=type(module).__name__)
-    captured.meta[CAPTURED] = True
-    if constants:
-        captured.register_forward_pre_hook(DropKeywords(constants, name or type(module).__name__), with_kwargs=True)
-    return captured.train(was_training)
+    return fx.GraphModule(graph_module, graph_module.graph, class_name=type(module).__name__).train(was_training)
 
 
-class DropKeywords:
-    """A forward pre-hook that drops the keyword arguments a captured graph holds as constants, and refuses a call
-    that passes another value for one (the graph would silently compute the recorded call)."""
-
-    def __init__(self, constants: dict[str, Any], block: str):
-        self.constants = constants
-        self.block = block
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        for key, recorded in self.constants.items():
-            if key in kwargs and not _same_constant(kwargs[key], recorded):
-                raise MoECompileError(
-                    f"{self.block} was captured with torch.export on a call with {key}={recorded!r} and computes "
-                    f"only that call; it was called with {key}={kwargs[key]!r}. Convert with example inputs that make "
-                    f"the model call {self.block} as you will run it (e.g. the same {key}).")
-        return args, {k: v for k, v in kwargs.items() if k not in self.constants}
-
-
-def _same_constant(a: Any, b: Any) -> bool:
+def _grown_arguments(module: nn.Module, call: Call) -> list[str]:
+    """The arguments whose pytree structure the module's eager forward changes (a list it appends to), run once on
+    copies of the call's tensors and objects so that nothing the caller holds changes."""
+    args, kwargs = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v), call)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    before = {name: tree_structure(value) for name, value in bound.items()}
+    was_training = module.training
     try:
-        return bool(a == b) if type(a) is type(b) else a is b
-    except Exception:  # objects without a usable ==
-        return a is b
+        with torch.no_grad():
+            module.eval()(*args, **kwargs)
+    finally:
+        module.train(was_training)
+    return [name for name, value in bound.items() if tree_structure(value) != before[name]]
 
 
 def _dropouts_as_modules(graph_module: fx.GraphModule) -> None:

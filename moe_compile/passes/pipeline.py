@@ -5,7 +5,8 @@
                  (in blocks it cannot trace, or split over sibling modules), also in one whole-model torch.export
                  graph on example inputs (the user's, or a transformers model's own), which locates each FFN's
                  block (locate.py); a block whose FFN is not a chain of modules is captured with torch.export on
-                 the arguments it receives in one forward (capture.py) and matched again
+                 the arguments it receives in one forward (capture.py) and matched again; rewritten, it captures
+                 itself again for each new kind of call it receives (captured.py)
     3. check     keep the matches that can be rewritten, with the reason for each one that cannot
     4. validate  check the config against every site before anything changes (e.g. d_ff % E for split, no split
                  of an FFN whose hidden norm couples its neurons)
@@ -33,15 +34,23 @@ from ..errors import MoECompileError, NoFFNFoundError, first_line
 from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelInputs, as_model_inputs, default_inputs, widened
 from ..moe import MoELayer, SiteCalibration, build_moe_layer, split_problem
 from .calibrate import distill, record_ffn_inputs
-from .capture import as_projection, candidate_modules, export_module, record_calls, trace
+from .capture import Call, as_projection, candidate_modules, export_module, record_calls, trace
+from .captured import CapturedBlock, Steps, find_by_steps
 from .locate import LocatedFFN, ModuleChain, locate_ffns, relative
-from .patterns import FFNMatch, check_match, match_ffns, module_path
+from .patterns import FFNMatch, check_match, match_ffns
 from .report import ConversionReport, ModuleNote, SiteReport
 from .rewrite import covers_whole_module, replace_submodule, rewrite_inline, rewrite_module_chain
 
 SEARCHED_FOR = ("Linear/Conv1D -> activation -> Linear/Conv1D [-> Dropout] and gated "
                 "down(act(gate(x)) * up(x)) (a norm module may come before down), in every module with two or more "
                 "projection children")
+
+
+@dataclass
+class _Capture:
+    source: nn.Module  # the dense block
+    call: Call  # the call it was captured on
+    steps: Steps  # the modules its FFN's steps ran in
 
 
 @dataclass
@@ -53,7 +62,7 @@ class _Site:
     whole_module: bool
     report: SiteReport
     chain: Optional[ModuleChain] = None  # how a located site is rewritten
-    captured: bool = False  # module and graph are the block's torch.export capture
+    capture: Optional[_Capture] = None  # set when module and graph are the block's torch.export capture
 
 
 def _scan(model: nn.Module, inputs: Optional[ModelInputs], given: bool) -> tuple[list[_Site], list[ModuleNote]]:
@@ -102,25 +111,28 @@ def _scan(model: nn.Module, inputs: Optional[ModelInputs], given: bool) -> tuple
     return sites, notes
 
 
-def _captured_site(model: nn.Module, found: LocatedFFN, captured: Union[fx.GraphModule, str]) -> _Site:
+def _captured_site(model: nn.Module, found: LocatedFFN,
+                   captured: Union[tuple[Call, fx.GraphModule], str]) -> _Site:
     """The located FFN as a site of its block's torch.export graph, or skipped with the reason it cannot be."""
     block = model.get_submodule(found.block)
     steps = {role: relative(path, found.block) for role, path in found.steps.items()}
     match = None
-    if isinstance(captured, fx.GraphModule):
-        match = next((m for m in match_ffns(captured, captured.graph)
-                      if {role: module_path(getattr(m, role))[0] for role in steps} == steps), None)
+    if not isinstance(captured, str):
+        call, graph_module = captured
+        match = find_by_steps(graph_module, steps)
         captured = captured if match is not None else f"not found again in the torch.export graph of {found.block}"
     if match is None:
         report = _site_report(found.name, found.block, found.match, found.reason or captured)
         return _Site(found.block, block, None, found.match, False, report)
     note = f"captured {found.block or '<root>'} with torch.export (torch.fx cannot trace it)"
     report = _site_report(found.name, found.block, match, found.reason or check_match(match), note)
-    return _Site(found.block, captured, captured.graph, match, False, report, captured=True)
+    return _Site(found.block, graph_module, graph_module.graph, match, False, report,
+                 capture=_Capture(block, call, steps))
 
 
-def _capture(model: nn.Module, inputs: ModelInputs, blocks: set[str]) -> dict[str, Union[fx.GraphModule, str]]:
-    """Each block's torch.export graph on the arguments it receives in one forward, or why there is none."""
+def _capture(model: nn.Module, inputs: ModelInputs,
+             blocks: set[str]) -> dict[str, Union[tuple[Call, fx.GraphModule], str]]:
+    """Each block's (recorded call, torch.export graph on it) from one forward, or why there is none."""
     if not blocks:
         return {}
     modules = {block: model.get_submodule(block) for block in blocks}
@@ -128,13 +140,13 @@ def _capture(model: nn.Module, inputs: ModelInputs, blocks: set[str]) -> dict[st
         calls = record_calls(model, inputs, modules)
     except Exception as error:  # the model's own code raised on the widened example
         return {block: f"the model failed on the example inputs ({first_line(error)})" for block in blocks}
-    captured: dict[str, Union[fx.GraphModule, str]] = {}
+    captured: dict[str, Union[tuple[Call, fx.GraphModule], str]] = {}
     for block, module in modules.items():
         if block not in calls:
             captured[block] = f"{block} is not called by the model's forward"
             continue
         try:
-            captured[block] = export_module(module, calls[block], block)
+            captured[block] = calls[block], export_module(module, calls[block])
         except Exception as error:  # torch.export raises many kinds; each means "this block did not export"
             captured[block] = f"torch.export of {block} failed ({first_line(error)})"
     return captured
@@ -265,15 +277,20 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
                 rewrite_module_chain(target, site.chain, layer)
                 site.report.reason = (f"located with torch.export; {site.chain.up} is now the MoELayer, "
                                       f"{' and '.join(site.chain.others)} identities")
+        elif first.capture is not None:
+            steps = [(site.capture.steps, layer) for site, layer in pairs]
+            block = CapturedBlock(first.capture.source, module_name, first.capture.call, first.module, steps)
+            target = replace_submodule(target, module_name, block)
+            for site, _ in pairs:
+                site.report.reason = f"rewrote {module_name or '<root>'}'s torch.export graph to call an MoELayer"
         elif len(pairs) == 1 and first.whole_module:
             target = replace_submodule(target, module_name, pairs[0][1])
             first.report.reason = f"replaced module {type(first.module).__name__} with MoELayer"
         else:
             rewritten = rewrite_inline(first.module, first.graph, [(s.match, layer) for s, layer in pairs])
             target = replace_submodule(target, module_name, rewritten)
-            kind = "torch.export" if first.captured else "fx"
             for site, _ in pairs:
-                site.report.reason = f"rewrote {module_name or '<root>'}'s {kind} graph to call an MoELayer"
+                site.report.reason = f"rewrote {module_name or '<root>'}'s fx graph to call an MoELayer"
         for site, _ in pairs:
             site.report.action = "converted"
             if site.report.name in layer_configs:

@@ -5,7 +5,8 @@
     inline         the match is part of a bigger forward (FFN written in the block; its graph from torch.fx, or
                    from torch.export for a block fx cannot trace) -> the block becomes an fx.GraphModule of its
                    rewritten graph, with the MoE layer as submodule `moe` and a call to it in place of the FFN's
-                   nodes; the block's other parameters are the same objects as before.
+                   nodes; the block's other parameters are the same objects as before. A torch.export graph
+                   serves one kind of call: captured.py keeps one per kind.
     module chain   the match was located with torch.export, each step a module of its own (locate.py)
                    -> up becomes the MoE layer, the other steps identities; every forward is untouched.
 """
@@ -41,7 +42,7 @@ def rewrite_inline(module: nn.Module, graph: fx.Graph,
     for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:  # the FFN's weights (torch.export)
         graph.erase_node(node)
     rewritten = fx.GraphModule(module, graph, class_name=type(module).__name__)
-    rewritten._forward_pre_hooks.update(module._forward_pre_hooks)  # e.g. a captured block's DropKeywords
+    rewritten._forward_pre_hooks.update(module._forward_pre_hooks)  # the user's hooks on the block
     rewritten._forward_pre_hooks_with_kwargs.update(module._forward_pre_hooks_with_kwargs)
     rewritten.delete_all_unused_submodules()
     rewritten.train(module.training)

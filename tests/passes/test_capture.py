@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
-import torch.fx as fx
 
 import moe_compile
 from moe_compile import MoEConfig, MoELayer
+from moe_compile.passes.captured import CapturedBlock
 
 from ..conftest import VOCAB, make_dense_model
 
@@ -67,7 +67,7 @@ def test_captured_blocks_convert_exactly(dense, converted, model_name, config_na
 def test_every_routing_converts(converted, model_name, routing):
     moe = converted(model_name, routing)
     for block in moe.transformer.h:
-        assert isinstance(block, fx.GraphModule) and type(block).__name__.endswith("RuntimeMaskBlock")
+        assert isinstance(block, CapturedBlock) and type(block.source).__name__.endswith("RuntimeMaskBlock")
         assert sum(isinstance(m, MoELayer) for m in block.modules()) == 1
         assert not hasattr(block, "expand") and not hasattr(block, "shrink")  # the dense FFN's weights are gone
     assert moe(ids((2, 5))).shape == (2, 5, VOCAB)
@@ -158,14 +158,106 @@ class FlaggedModel(torch.nn.Module):
         return self.block(x, double=double)
 
 
-def test_captured_block_refuses_a_call_it_was_not_recorded_for():
-    """The capture holds double=False as a constant: the same call runs, another value is refused by name instead
-    of silently computing the recorded call."""
+def test_a_flag_the_block_was_not_captured_with_captures_it_again():
+    """convert captured the block with double=False (a constant of its graph); double=True is another kind of call,
+    captured again on first use, and computes what the dense block computes."""
     dense = FlaggedModel().eval()
     x = torch.randn(2, 5, 16)
     moe = moe_compile.convert(dense, MoEConfig(num_experts=4, top_k=4, experts="split"), example_inputs=(x,))
     assert "torch.export graph" in moe.moe_report.converted[0].reason
     with torch.no_grad():
         assert (moe(x) - dense(x)).abs().max() <= 1e-5
-        with pytest.raises(moe_compile.MoECompileError, match="block was captured .* double=False .* double=True"):
-            moe(x, double=True)
+        assert (moe(x, double=True) - dense(x, double=True)).abs().max() <= 1e-5
+        assert (moe(torch.randn(1, 1, 16), double=True) - dense(torch.randn(1, 1, 16), double=True)).abs().max() > 0
+    assert "2 graphs captured" in repr(moe.block)
+
+
+def generate_with_cache(model, prompt, steps):
+    """Greedy decoding through the model's KV cache: (every position's logits, the generated ids)."""
+    logits, past = model(prompt, use_cache=True)
+    every, tokens = [logits], prompt
+    for _ in range(steps):
+        step = logits[:, -1:].argmax(-1)
+        tokens = torch.cat([tokens, step], 1)
+        logits, past = model(step, past=past, use_cache=True)
+        every.append(logits)
+    return torch.cat(every, 1), tokens
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_captured_block_takes_a_kv_cache_and_use_cache_false(dense, converted, model_name):
+    """convert recorded each block's call without a cache; calls with use_cache=True, with a past, at batch 1 and
+    at other batches are new kinds of call, captured on first use: all equal the dense model (upcycled experts with
+    renormalised gates compute the dense FFN), through the cache and without it."""
+    moe = copy.deepcopy(converted(model_name, "upcycle top-2"))
+    with torch.no_grad():
+        for batch in (1, 3, 1):  # batch 1 fixes an axis of the decode graph; 3 needs another graph
+            prompt = ids((batch, 6), seed=batch)
+            moe_logits, moe_tokens = generate_with_cache(moe, prompt, steps=5)
+            dense_logits, dense_tokens = generate_with_cache(dense[model_name], prompt, steps=5)
+            assert torch.equal(moe_tokens, dense_tokens)
+            assert (moe_logits - dense_logits).abs().max() <= 1e-5
+            whole = moe(moe_tokens)  # use_cache=False, the call convert captured
+            assert (whole - moe_logits).abs().max() <= 1e-5
+    block = moe.transformer.h[0]
+    assert isinstance(block, CapturedBlock) and "5 graphs captured" in repr(block)
+    # convert's graph, prefill (use_cache=True) at batch 1 and 3, decode (a past) at batch 1 and 3
+
+
+def test_captured_graphs_follow_a_copy_and_train_together(converted):
+    """A deep copy's graphs call the copy's MoE layers; a gradient through the cache path reaches the same
+    parameters as one through convert's graph."""
+    original = converted("gpt-runtime-mask", "upcycle top-2")
+    moe = copy.deepcopy(original)
+    prompt = ids((2, 4))
+    generate_with_cache(moe, prompt, steps=1)  # captures prefill and decode graphs in the copy
+    copied = copy.deepcopy(moe)
+    with torch.no_grad():
+        for layer in copied.modules():
+            if isinstance(layer, MoELayer):
+                layer.router.weight.mul_(-1)
+        assert torch.equal(generate_with_cache(moe, prompt, 2)[0], generate_with_cache(original, prompt, 2)[0])
+        assert not torch.equal(generate_with_cache(copied, prompt, 2)[0], generate_with_cache(moe, prompt, 2)[0])
+    logits, _ = moe(prompt, use_cache=True)
+    logits.sum().backward()
+    block = moe.transformer.h[0]
+    assert block.qkv.weight.grad is not None and block.layers[0].router.weight.grad is not None
+
+
+def test_a_kind_of_call_first_seen_while_tracing_names_the_block(converted):
+    moe = copy.deepcopy(converted("gpt-runtime-mask", "switch"))
+    with pytest.raises(moe_compile.MoECompileError, match=r"transformer.h.0 .* other past, use_cache.*eagerly"):
+        torch.export.export(moe, (ids((2, 3)),), {"past": [(torch.zeros(2, 4, 5, 16),) * 2] * 2, "use_cache": True},
+                            strict=False)
+    with torch.no_grad():
+        moe(ids((2, 3)), past=[(torch.zeros(2, 4, 5, 16),) * 2] * 2, use_cache=True)  # eagerly: captured now
+    torch.export.export(moe, (ids((2, 3)),), {"past": [(torch.zeros(2, 4, 5, 16),) * 2] * 2, "use_cache": True},
+                        strict=False)
+
+
+class AppendingBlock(torch.nn.Module):
+    """Hand-written code that collects present key/values in a list it is given: a graph would drop the append."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x, presents: list):
+        presents.append(x)
+        keep = torch.ones(x.shape[1], 1)
+        return self.down(torch.nn.functional.gelu(self.up(x))) * keep
+
+
+class AppendingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = AppendingBlock()
+
+    def forward(self, x):
+        presents = []
+        return self.block(x, presents), presents
+
+
+def test_a_block_that_grows_a_list_it_was_given_is_not_captured():
+    with pytest.raises(moe_compile.NoFFNFoundError, match=r"(?s)grows presents in place .* drop silently"):
+        moe_compile.convert(AppendingModel().eval(), MoEConfig(num_experts=4), example_inputs=(torch.randn(2, 5, 16),))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import moe_compile
 from moe_compile import MoEConfig, MoELayer, NoFFNFoundError
+from moe_compile.passes.captured import CapturedBlock
 
 from ..conftest import VOCAB
 
@@ -127,7 +128,7 @@ def test_blocks_that_are_no_module_chain_are_captured(style):
     moe = moe_compile.convert(dense, MoEConfig(num_experts=4, top_k=4, experts="split"), example_inputs=features())
     (site,) = moe.moe_report.converted
     assert site.name == "0:up..down" and site.reason == "rewrote 0's torch.export graph to call an MoELayer"
-    assert isinstance(moe[0], torch.fx.GraphModule) and type(moe[0]).__name__ == "UntraceableBlock"
+    assert isinstance(moe[0], CapturedBlock) and type(moe[0].source).__name__ == "UntraceableBlock"
     torch.testing.assert_close(moe(features((3, 7), seed=1)), dense(features((3, 7), seed=1)), rtol=0, atol=1e-5)
 
 
