@@ -160,8 +160,9 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
         call = call.to(dtype)
         args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
     dtype_name = str(dtype or next((p.dtype for p in call.parameters() if p.is_floating_point()), torch.float32))
-    layers, functions = [], LayerFunctions(dynamic)
+    layers, functions, names = [], LayerFunctions(dynamic), []
     for name, layer in list(iter_moe_layers(call)):
+        names.append(name)
         replacement, lowering = _lower(name.removeprefix("model."), layer, target, fallback)
         layers.append(lowering)
         if replacement is None:  # portable: one traced function per layer structure
@@ -169,16 +170,44 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
         if replacement is not None:
             call = replace_submodule(call, name, replacement)
     with _quiet_exporter():  # keyword inputs travel positionally (see ModelCall)
-        program = torch.onnx.export(call.eval(), args, dynamo=True,
-                                    dynamic_shapes=dynamic_shapes,
-                                    input_names=input_names, output_names=output_names, opset_version=opset,
-                                    verbose=False)
+        try:
+            program = torch.onnx.export(call.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        input_names=input_names, output_names=output_names, opset_version=opset,
+                                        verbose=False)
+        except Exception as error:  # the exporter raises many kinds
+            raise _export_failure(call, args, names, dynamic_shapes, error) from None
         functions.inline_into(program.model, _opset_of(program))
     quantized = weight_only.lower_quantized_experts(program.model, rounded) if rounded else 0
     program.save(os.fspath(path))
     fused = _fuse_attention(path, causal_attention) if target == "ort" else 0
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
                         opset=_opset_of(program), attention_fused=fused, quantized_matmuls=quantized)
+
+
+def _export_failure(call: nn.Module, args: tuple, layer_names: list[str], dynamic_shapes,
+                    error: Exception) -> LoweringError:
+    """The error for a failed ONNX export, saying whether the model exports without its MoE layers (each replaced by
+    an identity): if not, its dense model fails the same way and the cause is in the model's own code."""
+    cause = _exporter_cause(error)
+    for name in layer_names:
+        call = replace_submodule(call, name, nn.Identity())
+    try:
+        torch.onnx.export(call, args, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
+    except Exception:  # any failure says the same: the MoE layers are not the cause
+        shapes = "with dynamic axes " if dynamic_shapes is not None else ""
+        retry = "; try dynamic=False (fixed shapes)" if dynamic_shapes is not None else ""
+        return LoweringError(f"export: torch.onnx cannot export this model {shapes}({cause}). Its MoE layers are "
+                             "not the cause: with each replaced by an identity the export fails the same way, so the "
+                             f"dense model does not export either{retry}.")
+    return LoweringError(f"export: torch.onnx failed on the MoE layers of this model ({cause}); the model exports "
+                         "without them. Try another target, or report it with the model and config.")
+
+
+def _exporter_cause(error: Exception) -> str:
+    """The line of an exporter error that names what failed (torch.onnx puts it under 'Exception summary')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    summary = next((i for i, line in enumerate(lines) if "Exception summary" in line), None)
+    return lines[summary + 1][:300] if summary is not None and summary + 1 < len(lines) else first_line(error, 300)
 
 
 def _weight_only_opset(opset: Optional[int], dtype: Optional[torch.dtype]) -> int:

@@ -85,3 +85,31 @@ def test_an_example_the_model_rejects_says_what_it_was_given(tmp_path):
 def test_an_unwritable_path_is_named(gpt2_model, path, match):
     with pytest.raises(MoECompileError, match=f"cannot write the ONNX file '{path}'.*{match}"):
         moe_compile.export(gpt2_model, ids((2, 8)), path)
+
+
+@torch.library.custom_op("moe_compile_test::halve", mutates_args=())
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    return x / 2
+
+
+@_halve.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class ModelWithAnOpOnnxLacks(torch.nn.Module):
+    """An MLP followed by a custom op that has no ONNX translation: the dense model does not export either."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        return _halve(self.down(torch.relu(self.up(x))))
+
+
+def test_an_export_failure_outside_the_moe_layers_says_the_dense_model_fails_too(tmp_path):
+    moe = moe_compile.convert(ModelWithAnOpOnnxLacks().eval(), MoEConfig(num_experts=4, top_k=4, experts="split"))
+    with pytest.raises(moe_compile.LoweringError, match=r"torch.onnx cannot export this model with dynamic axes .*"
+                                                        r"halve.*MoE layers are not the cause.*dense model does not"):
+        moe_compile.export(moe, torch.randn(2, 5, 16), tmp_path / "m.onnx")
