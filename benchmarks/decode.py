@@ -109,18 +109,28 @@ def time_ours(directory: Path, prompts, new_tokens: int):
 
 
 def time_eager(model, prompts, new_tokens: int):
+    """(time to first token, per-token latency) of transformers' generate, both read from one run: a streamer
+    stamps the clock as each token comes out."""
     import torch
+    from transformers.generation.streamers import BaseStreamer
 
-    ids = torch.tensor(prompts)
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.stamps = []
+
+        def put(self, value):  # the prompt first, then each step's new tokens
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids, clock = torch.tensor(prompts), Clock()
     options = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.inference_mode():
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, **options)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
-        total = time.perf_counter() - start
-    return first, (total - first) / max(1, new_tokens - 1)
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **options)
+    steps = clock.stamps[-new_tokens:]
+    return steps[0] - start, (steps[-1] - steps[0]) / max(1, new_tokens - 1)
 
 
 def _directory(workdir: Path, family: str, variant_name: str) -> Path:
