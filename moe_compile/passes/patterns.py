@@ -123,12 +123,13 @@ def _attr(root: nn.Module, target: str) -> torch.Tensor:
 
 def _activation_input(node: fx.Node, root: nn.Module) -> Optional[tuple[str, fx.Node, list[fx.Node]]]:
     """(activation, its input node, the ATen nodes before `node` that compute it) when `node` computes a known
-    activation of one tensor: on its own (a module call, F.gelu, aten.gelu), or as the last of the ATen ops of an
-    activation module recorded by torch.export (transformers' NewGELUActivation: pow, mul, add, tanh, ...)."""
+    activation of one tensor: on its own (a module call, F.gelu, aten.gelu), as the last of the ATen ops of an
+    activation module recorded by torch.export (transformers' NewGELUActivation: pow, mul, add, tanh, ...), or as
+    the last of several ops written inline on a projection's output (RWKV's square(relu(h)))."""
     activation = _activation(node, root)
     if activation is not None:
         return activation, node.all_input_nodes[0], []
-    region = _module_region(node)
+    region = _module_region(node) or _dataflow_region(node, root)
     if not region:
         return None
     inputs = {a for n in region for a in n.all_input_nodes if a not in region}
@@ -161,6 +162,25 @@ def _module_region(node: fx.Node) -> Optional[set[fx.Node]]:
         todo += [a for a in n.all_input_nodes if a.op != "placeholder" and module_path(a)[0] == path]
     users_outside = [n for n in region if n is not node and any(u not in region for u in n.users)]
     return None if users_outside or len(region) < 2 else region
+
+
+def _dataflow_region(node: fx.Node, root: nn.Module, limit: int = 8) -> Optional[set[fx.Node]]:
+    """`node` and the ops feeding it back to one projection's output, when they read nothing else (no weights, no
+    other input) and nothing else reads them: an activation written inline as several ops (square(relu(h)))."""
+    region, sources, todo = set(), set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in region or n in sources:
+            continue
+        if _projection(n, root) is not None:
+            sources.add(n)
+            continue
+        if n.op not in ("call_function", "call_method") or len(region) == limit:
+            return None
+        region.add(n)
+        todo += n.all_input_nodes
+    users_outside = [n for n in region if n is not node and any(u not in region for u in n.users)]
+    return region if len(sources) == 1 and len(region) >= 2 and not users_outside else None
 
 
 def _activation(node: fx.Node, root: nn.Module) -> Optional[Activation]:
