@@ -106,8 +106,11 @@ class _ChildrenAsLeaves(fx.Tracer):
 
 
 def trace(module: nn.Module) -> fx.Graph:
-    """The module's fx graph; raises whatever torch.fx raises when its forward does not trace."""
-    return _ChildrenAsLeaves().trace(module)
+    """The module's fx graph; raises whatever torch.fx raises when its forward does not trace. Arguments that
+    default to None are traced as None (`if layer_idx is None` takes its branch; the graph asserts None)."""
+    optional = {name: None for name, p in inspect.signature(module.forward).parameters.items()
+                if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return _ChildrenAsLeaves().trace(module, concrete_args=optional or None)
 
 
 def record_calls(model: nn.Module, inputs: ModelInputs, modules: dict[str, nn.Module]) -> dict[str, Call]:

@@ -25,6 +25,10 @@ ACTS = {
     "gelu_function": (F.gelu, "gelu", False),
     "gelu_tanh_module": (lambda: nn.GELU(approximate="tanh"), "gelu_tanh", True),
     "gelu_tanh_function": (lambda h: F.gelu(h, approximate="tanh"), "gelu_tanh", False),
+    # several ops written inline on the up projection's output
+    "relu2_inline": (lambda h: F.relu(h).square(), "relu2", False),
+    "gelu_tanh_written_out": (lambda h: 0.5 * h * (1 + torch.tanh(0.7978845608 * (h + 0.044715 * h ** 3))),
+                              "gelu_tanh", False),
 }
 
 
@@ -541,3 +545,27 @@ def test_a_hidden_module_that_changes_the_width_is_skipped():
 
     (site,) = find_ffn_blocks(HiddenNorm(Halve())).sites
     assert site.action == "skipped" and "does not map the 32 hidden values" in site.reason
+
+
+class OptionalArgument(nn.Module):
+    """Takes an argument that defaults to None and branches on it (Moshi's MLP: `fc1(x) if layer_idx is None else
+    fc1(x, layer_idx)`): torch.fx traces it as None, and the graph asserts that it stays None."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(D, H), nn.Linear(H, D)
+
+    def forward(self, x, shift=None):
+        h = self.up(x) if shift is None else self.up(x + shift)
+        return self.down(F.gelu(h))
+
+
+def test_an_argument_that_defaults_to_none_is_traced_as_none():
+    model = Host(OptionalArgument())
+    (site,) = find_ffn_blocks(model).sites
+    assert site.pattern == "Linear -> gelu -> Linear" and site.action == "found"
+    moe = convert(model, MoEConfig(num_experts=4, top_k=4, experts="split"))
+    with torch.no_grad():
+        assert (moe(IDS) - model(IDS)).abs().max().item() <= 1e-5
+    with pytest.raises(AssertionError, match="shift has been specialized to have value None"):
+        moe.ffn(torch.randn(2, 3, D), torch.ones(D))
