@@ -6,7 +6,9 @@
                  graph on example inputs (the user's, or a transformers model's own), which locates each FFN's
                  block (locate.py); a block whose FFN is not a chain of modules is captured with torch.export on
                  the arguments it receives in one forward (capture.py) and matched again; rewritten, it captures
-                 itself again for each new kind of call it receives (captured.py)
+                 itself again for each new kind of call it receives (captured.py). Module chains the export graph
+                 does not show (it failed, or ran them inside an autograd Function) are located from the module
+                 calls of one eager forward
     3. check     keep the matches that can be rewritten, with the reason for each one that cannot
     4. validate  check the config against every site before anything changes (e.g. d_ff % E for split, no split
                  of an FFN whose hidden norm couples its neurons)
@@ -36,7 +38,7 @@ from ..moe import MoELayer, SiteCalibration, build_moe_layer, split_problem
 from .calibrate import distill, record_ffn_inputs
 from .capture import Call, as_projection, candidate_modules, export_module, record_calls, trace
 from .captured import CapturedBlock, Steps, find_by_steps
-from .locate import LocatedFFN, ModuleChain, locate_ffns, relative
+from .locate import LocatedFFN, ModuleChain, locate_by_calls, locate_ffns, relative
 from .patterns import FFNMatch, check_match, match_ffns
 from .report import ConversionReport, ModuleNote, SiteReport
 from .rewrite import covers_whole_module, replace_submodule, rewrite_inline, rewrite_module_chain
@@ -94,8 +96,11 @@ def _scan(model: nn.Module, inputs: Optional[ModelInputs], given: bool) -> tuple
     covered = {_join(s.module_name, node.target) for s in sites for node in (s.match.up, s.match.gate, s.match.down)
                if node is not None}
     located, failure = locate_ffns(model, inputs, covered)
+    by_calls = locate_by_calls(model, inputs, covered | {found.steps["up"] for found in located})
+    located += by_calls
     if failure:
-        notes.append(ModuleNote("", failure))
+        notes.append(ModuleNote("", f"{failure}; {len(by_calls)} FFNs whose steps are modules of their own located "
+                                    "from the module calls of one forward instead"))
     fx_modules = {s.module_name for s in sites}
     to_capture = {f.block for f in located if f.chain is None and f.reason is None}
     held = {block: next((m for m in fx_modules if _inside(m, block)), None) for block in to_capture}
@@ -105,7 +110,7 @@ def _scan(model: nn.Module, inputs: Optional[ModelInputs], given: bool) -> tuple
             sites.append(_captured_site(model, found, captured.get(found.block) or
                                         f"{found.block} also holds {held[found.block]}, which torch.fx rewrites"))
         else:
-            report = _site_report(found.name, found.block, found.match, found.reason, "located with torch.export")
+            report = _site_report(found.name, found.block, found.match, found.reason, f"located {found.how}")
             sites.append(_Site(found.block, model.get_submodule(found.block), None, found.match, False, report,
                                found.chain))
     return sites, notes
@@ -275,7 +280,7 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
         if first.chain is not None:
             for site, layer in pairs:
                 rewrite_module_chain(target, site.chain, layer)
-                site.report.reason = (f"located with torch.export; {site.chain.up} is now the MoELayer, "
+                site.report.reason = (f"{site.report.reason}; {site.chain.up} is now the MoELayer, "
                                       f"{' and '.join(site.chain.others)} identities")
         elif first.capture is not None:
             steps = [(site.capture.steps, layer) for site, layer in pairs]

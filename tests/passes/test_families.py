@@ -109,3 +109,35 @@ def test_a_hidden_norm_is_upcycled_exactly_and_not_split(family):
         assert (moe(ids).logits - dense(ids).logits).abs().max().item() <= 1e-5
     with pytest.raises(moe_compile.MoECompileError, match="cannot split model.layers.0.mlp into experts: its hidden"):
         moe_compile.convert(dense, MoEConfig(num_experts=4, top_k=4, experts="split"), example_inputs=ids)
+
+
+# family -> (config class, model class, config fields): the whole-model torch.export graph holds no FFN (Longformer's
+# attention fails it on a data-dependent guard; Reformer runs its layers inside an autograd Function), so the FFNs
+# are located from the module calls of one forward
+LOCATED_BY_CALLS = {
+    "longformer": ("LongformerConfig", "LongformerForMaskedLM",
+                   dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        attention_window=[4, 4], max_position_embeddings=64)),
+    "reformer": ("ReformerConfig", "ReformerModelWithLMHead",
+                 dict(hidden_size=64, feed_forward_size=128, num_attention_heads=2, attention_head_size=32,
+                      attn_layers=["local", "lsh"], axial_pos_embds=False, max_position_embeddings=64,
+                      local_attn_chunk_length=8, lsh_attn_chunk_length=8, num_buckets=4, is_decoder=True)),
+}
+
+
+@pytest.mark.parametrize("config", [MoEConfig(num_experts=4, top_k=2), MoEConfig(num_experts=4, top_k=4,
+                                                                                  experts="split")])
+@pytest.mark.parametrize("family", LOCATED_BY_CALLS)
+def test_ffns_torch_export_cannot_see_are_located_from_module_calls(family, config):
+    config_class, model_class, fields = LOCATED_BY_CALLS[family]
+    torch.manual_seed(0)
+    dense = getattr(transformers, model_class)(getattr(transformers, config_class)(**fields, **SMALL)).eval()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    moe = moe_compile.convert(dense, config, example_inputs=ids)
+    assert len(moe.moe_report.converted) == 2, moe.moe_report.table()
+    assert all("located from the module calls of one forward" in s.reason for s in moe.moe_report.converted)
+    with torch.no_grad(), torch.random.fork_rng():  # Reformer's LSH draws random rotations at every call
+        torch.manual_seed(0)
+        expected = dense(ids).logits
+        torch.manual_seed(0)
+        assert (moe(ids).logits - expected).abs().max().item() <= 1e-5

@@ -154,5 +154,41 @@ def test_a_model_torch_export_refuses_is_reported():
 
     torch.manual_seed(0)
     report = moe_compile.find_ffn_blocks(nn.Sequential(DataDependent()), example_inputs=features())
-    assert not report.sites
     assert any(note.outcome.startswith("torch.export failed") for note in report.notes)
+    (site,) = report.sites  # its FFN is a chain of modules: found from the module calls instead
+    assert site.name == "0:up..down" and site.reason == "located from the module calls of one forward"
+
+
+class DataDependentBlock(nn.Module):
+    """Branches on a tensor's value (torch.export cannot capture the model), then runs an FFN of modules; with
+    read_hidden, the forward also reads the FFN's hidden activations itself, which module hooks cannot see."""
+
+    def __init__(self, read_hidden: bool = False):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)
+        self.read_hidden = read_hidden
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            x = x * 2
+        h = self.act(self.up(x))
+        return x + self.down(h) + (h.mean(-1, keepdim=True) if self.read_hidden else 0)
+
+
+def test_a_model_torch_export_cannot_capture_has_its_module_chains_located_from_its_calls():
+    torch.manual_seed(0)
+    dense = nn.Sequential(DataDependentBlock(), DataDependentBlock()).eval()
+    moe = moe_compile.convert(dense, MoEConfig(num_experts=4, top_k=2), example_inputs=features())
+    assert [s.name for s in moe.moe_report.converted] == ["0:up..down", "1:up..down"]
+    assert all("located from the module calls of one forward" in s.reason for s in moe.moe_report.converted)
+    assert any("torch.export failed" in note.outcome and "2 FFNs" in note.outcome for note in moe.moe_report.notes)
+    torch.testing.assert_close(moe(features(seed=1)), dense(features(seed=1)), rtol=0, atol=1e-5)
+
+
+def test_a_chain_whose_hidden_tensor_the_forward_also_reads_is_not_rewritten():
+    """Rewriting it would hand the MoE output to the code that reads the hidden activations: silently wrong."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(DataDependentBlock(read_hidden=True), DataDependentBlock()).eval()
+    moe = moe_compile.convert(dense, MoEConfig(num_experts=4, top_k=2), example_inputs=features())
+    assert [s.name for s in moe.moe_report.converted] == ["1:up..down"]
+    torch.testing.assert_close(moe(features(seed=1)), dense(features(seed=1)), rtol=0, atol=1e-5)
