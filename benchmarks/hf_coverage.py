@@ -5,7 +5,8 @@ derived from its default config by `shrink` (the same rules for every family, th
 names and values: its layer count, width, head count and FFN width wherever they appear), with random weights.
 It is converted twice with no example inputs (upcycled experts, renormalised top-2 of 4; split experts, k = E = 4)
 and run against the dense model on the model's own dummy inputs, every output compared (an audio decoder of several
-codebooks, Musicgen, gets its ids tiled to a row per codebook, and those as example inputs). Each is marked
+codebooks, Musicgen, gets its ids tiled to a row per codebook, a model that adds audio to every token, VoxtralRealtime,
+audio features along its ids, and those as example inputs). Each is marked
 
     converted   both conversions exact on every output: max |moe - dense| <= 1e-5 * max(1, max |dense|)
                 (absolute up to magnitude 1, relative to the output's scale beyond: fp32 rounding grows with it)
@@ -27,6 +28,7 @@ benchmarks/results/hf_coverage.{json,md}.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import signal
@@ -62,15 +64,33 @@ def architectures() -> list[tuple[str, str, str]]:
 
 def kept_layers(values: dict, layers: int) -> list[int]:
     """The layers a tiny config keeps: the first of each type its layer-type list names (NeoMME's global layers, after
-    sliding ones; Zamba2's hybrid ones), then the first others, TINY["layers"] in all."""
+    sliding ones; Zamba2's hybrid ones), then the first others, TINY["layers"] in all. Where a period places a type
+    (Zamba's attn_layer_period), its rarest type keeps a second layer too: a block its layers share stays shared."""
     types = next((value for name, value in values.items() if "layer" in name and isinstance(value, list)
                   and len(value) == layers and all(isinstance(kind, str) for kind in value)), [])
     first = [types.index(kind) for kind in dict.fromkeys(types)]
-    return sorted((first + [i for i in range(layers) if i not in first])[:TINY["layers"]])
+    kept = sorted((first + [i for i in range(layers) if i not in first])[:TINY["layers"]])
+    if len(first) > 1 and any(name.endswith("layer_period") and type(value) is int for name, value in values.items()):
+        rarest = min(dict.fromkeys(types), key=types.count)
+        kept = sorted(kept + [i for i, kind in enumerate(types) if kind == rarest and i not in kept][:1])
+    return kept
 
 
-def shrink(config):
-    """The config with its sizes made tiny, found by the config's own attribute names and default values."""
+def sibling_width(config, siblings: list) -> int:
+    """The tiny width of a sub-config whose width a sibling names as m x its own (BLT's local encoder and decoder name
+    the global transformer's: hidden_size_global = cross_attn_k x hidden_size): m x the tiny width; TINY's else."""
+    width = getattr(config, "hidden_size", None)
+    for other in siblings:
+        own = getattr(other, "hidden_size", None)
+        if other is not config and width and own and width % own == 0 and any(
+                name.startswith("hidden_size_") and value == width for name, value in vars(other).items()):
+            return width // own * TINY["width"]
+    return TINY["width"]
+
+
+def shrink(config, tiny: int = TINY["width"]):
+    """The config with its sizes made tiny, found by the config's own attribute names and default values; its width
+    becomes `tiny`."""
     from transformers import PreTrainedConfig
 
     values = config.to_dict()
@@ -102,13 +122,13 @@ def shrink(config):
             elif re.search(r"layer_?(ids|indices|idx)", name) and all(type(i) is int for i in value):
                 changes[name] = [keep.index(i) for i in value if i in keep]  # Zamba2's hybrid_layer_ids
             elif width and all(type(v) is int for v in value) and sum(value) == width:  # parts of the width
-                changes[name] = [v * TINY["width"] // width for v in value]  # (Reformer's axial position dims)
+                changes[name] = [v * tiny // width for v in value]  # (Reformer's axial position dims)
         elif name.endswith("shared_layers"):  # the last n layers reuse others' KV (Gemma3n): none in two layers
             changes[name] = 0
         elif "layer" in name or "layers" in words or name in ("n_layer", "depth"):
             if layers and value == layers or re.search(r"(num|n)_(hidden_)?(encoder_|decoder_)?layers?$", name) \
                     or re.search(r"^(encoder|decoder)_layers$", name):
-                changes[name] = min(value, TINY["layers"])
+                changes[name] = len(keep) if value == layers else min(value, TINY["layers"])
         elif re.search(r"key_value|kv_heads|num_kv|query_groups", name):  # grouped unless as many as the heads
             changes[name] = TINY["heads"] if value == heads else TINY["kv_heads"]
         elif re.search(HEAD_DIM, name):
@@ -117,12 +137,13 @@ def shrink(config):
                                      or re.search(r"_heads?$", name)):  # a head count, not chunk_size_lm_head
             changes[name] = TINY["heads"]
         elif width and value == width:
-            changes[name] = TINY["width"]
+            changes[name] = tiny
         elif width and value > width and re.search(r"intermediate|ffn|d_ff|inner|mlp|hidden_dim|filter", name):
             changes[name] = TINY["ffn"]
-        elif width and TINY["width"] < value and value * TINY["width"] % width == 0 and \
-                re.search(r"(embedding|bottleneck|hidden)_size$", name):  # a stream m x the width stays so
-            changes[name] = value * TINY["width"] // width  # (MobileBERT's bottleneck, Zamba2's attention_hidden_size)
+        elif width and tiny < value and value * tiny % width == 0 and (
+                re.search(r"(embedding|bottleneck|hidden)_size$", name)  # MobileBERT's bottleneck, Zamba2's attention
+                or name.startswith("hidden_size_") and value % width == 0):  # BLT's hidden_size_global
+            changes[name] = value * tiny // width  # a stream m x the width stays so
     head_dims = [name for name in changes if re.search(HEAD_DIM, name)]
     for name in head_dims:  # head dims equal by default stay equal (MLA: head_dim is the rope part), a rope one rules
         rope = [other for other in head_dims if values[other] == values[name] and re.search(r"rot|rope", other)]
@@ -138,8 +159,8 @@ def shrink(config):
     for name in heads_set:  # heads x head size = m x width by default (a Mamba2 mixer's expand x width) stays so
         for size in sized:
             product = values[name] * values[size]
-            if width and product % width == 0 and (product // width * TINY["width"]) % changes[size] == 0:
-                changes[name] = product // width * TINY["width"] // changes[size]
+            if width and product % width == 0 and (product // width * tiny) % changes[size] == 0:
+                changes[name] = product // width * tiny // changes[size]
                 break
     for name in heads_set:  # a size of the same family that is heads x head size stays so (Falcon-H1's mamba_d_ssm)
         family = name.split("_")[0] + "_"
@@ -150,9 +171,9 @@ def shrink(config):
                     changes[other] = changes[name] * changes[size]
     for name, value in changes.items():
         setattr(config, name, value)
-    for value in vars(config).values():  # sub-configs of composite models (text_config, encoder, ...)
-        if isinstance(value, PreTrainedConfig) and value is not config:
-            shrink(value)
+    subs = [value for value in vars(config).values() if isinstance(value, PreTrainedConfig) and value is not config]
+    for sub, sub_tiny in [(sub, sibling_width(sub, subs)) for sub in subs]:  # composite models (text_config, ...)
+        shrink(sub, sub_tiny)
     return config
 
 
@@ -183,6 +204,22 @@ def is_moe_config(config) -> bool:
     return False
 
 
+def per_token_audio(config, ids):
+    """Audio features for a model that adds audio to every token it reads (a config that sets an audio length per
+    token: a streaming speech model's, which refuses ids alone): random [batch, mel bins, tokens x that length];
+    None for other configs."""
+    import torch
+    from transformers import PreTrainedConfig
+
+    per_token = next((value for name, value in vars(config).items()
+                      if re.search(r"audio\w*_per_tok", name) and type(value) is int), None)
+    configs = [config, *(value for value in vars(config).values() if isinstance(value, PreTrainedConfig))]
+    bins = next((c.num_mel_bins for c in configs if type(getattr(c, "num_mel_bins", None)) is int), None)
+    if per_token is None or bins is None or ids is None:
+        return None
+    return torch.randn(ids.shape[0], bins, ids.shape[1] * per_token)
+
+
 def run_one(mapping: str, model_type: str, class_name: str) -> dict:
     """Build, convert twice, compare; the result row of one architecture."""
     import torch
@@ -209,6 +246,10 @@ def run_one(mapping: str, model_type: str, class_name: str) -> dict:
         example = None  # convert finds the model's own dummy inputs, unless they had to change
         if getattr(config, "num_codebooks", None) and "input_ids" in inputs.kwargs:  # Musicgen's decoder reads
             inputs.kwargs["input_ids"] = inputs.kwargs["input_ids"].repeat(config.num_codebooks, 1)  # a row a codebook
+            example = inputs
+        audio = per_token_audio(config, inputs.kwargs.get("input_ids"))
+        if audio is not None and "input_features" in inspect.signature(dense.forward).parameters:
+            inputs.kwargs["input_features"] = audio  # VoxtralRealtime: an audio frame sequence along its tokens
             example = inputs
         reference = ModelCall(dense).named(inputs)
     except Exception as error:  # noqa: BLE001 - any failure to build or run is the row's reason

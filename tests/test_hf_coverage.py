@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 _spec = importlib.util.spec_from_file_location("hf_coverage",
                                                Path(__file__).parents[1] / "benchmarks" / "hf_coverage.py")
@@ -77,3 +78,26 @@ def test_sizes_tied_to_the_width_stay_tied():
     assert mobilebert.embedding_size < mobilebert.hidden_size
     falcon = hf_coverage.shrink(transformers.AutoConfig.for_model("falcon_h1"))
     assert falcon.mamba_d_ssm == falcon.mamba_n_heads * falcon.mamba_d_head
+
+
+def test_a_width_a_sibling_names_stays_that_multiple():
+    """BLT's local encoder and decoder name the global transformer's width, hidden_size_global = cross_attn_k x their
+    own: the global sub-config keeps that multiple of the tiny width."""
+    config = hf_coverage.shrink(transformers.AutoConfig.for_model("blt"))
+    local = config.encoder_config.hidden_size
+    assert config.global_config.hidden_size == config.cross_attn_k * local == config.decoder_config.hidden_size_global
+    assert config.patcher_config.hidden_size == local == hf_coverage.TINY["width"]
+
+
+def test_a_layer_type_placed_by_a_period_keeps_two_layers():
+    """Zamba's hybrid layers (attn_layer_period) share one attention block: with one, its tied weights tie nothing."""
+    config = hf_coverage.shrink(transformers.AutoConfig.for_model("zamba"))
+    assert config.layers_block_type == ["linear_attention", "hybrid", "hybrid"] and config.num_hidden_layers == 3
+
+
+def test_a_model_that_adds_audio_to_every_token_gets_audio_features():
+    """VoxtralRealtime sets audio_length_per_tok and refuses ids alone; Voxtral reads ids alone."""
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    realtime = hf_coverage.shrink(transformers.AutoConfig.for_model("voxtral_realtime"))
+    assert hf_coverage.per_token_audio(realtime, ids).shape == (3, realtime.audio_config.num_mel_bins, 5 * realtime.audio_length_per_tok)
+    assert hf_coverage.per_token_audio(hf_coverage.shrink(transformers.AutoConfig.for_model("voxtral")), ids) is None
