@@ -99,5 +99,6 @@ def test_a_model_that_adds_audio_to_every_token_gets_audio_features():
     """VoxtralRealtime sets audio_length_per_tok and refuses ids alone; Voxtral reads ids alone."""
     ids = torch.zeros(3, 5, dtype=torch.long)
     realtime = hf_coverage.shrink(transformers.AutoConfig.for_model("voxtral_realtime"))
-    assert hf_coverage.per_token_audio(realtime, ids).shape == (3, realtime.audio_config.num_mel_bins, 5 * realtime.audio_length_per_tok)
+    frames = 5 * realtime.audio_length_per_tok
+    assert hf_coverage.per_token_audio(realtime, ids).shape == (3, realtime.audio_config.num_mel_bins, frames)
     assert hf_coverage.per_token_audio(hf_coverage.shrink(transformers.AutoConfig.for_model("voxtral")), ids) is None
