@@ -3,7 +3,8 @@ invariants every conversion must keep.
 
     upcycled experts with renormalised gates, dropless        = the dense model
     split experts with every expert active (k = E), dropless  = the dense model
-    dropless token choice / switch                            causal; batch- and left-padding-invariant
+    dropless token choice / switch                            causal; batch- and left-padding-invariant; decoding
+                                                              through the KV cache = recomputing the whole sequence
     every export (portable, and ort where it lowers)          = eager, at another shape, on repeated token ids
     save / load                                               bit-equal
 
@@ -13,6 +14,7 @@ HYPOTHESIS_PROFILE=nightly runs 200+ cases per property.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -20,6 +22,7 @@ import torch
 
 import moe_compile
 from moe_compile import MoEConfig
+from moe_compile.export.decoder import returned_cache
 from moe_compile.export.ort_moe import ort_unsupported_reason
 from moe_compile.moe import iter_moe_layers
 
@@ -35,7 +38,7 @@ settings.register_profile("nightly", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-MODELS = ("nanogpt", "hf-gpt2", "hf-llama")
+MODELS = ("nanogpt", "hf-gpt2", "hf-llama", "gpt-runtime-mask")  # the last: blocks captured with torch.export
 _DENSE: dict[str, torch.nn.Module] = {}
 
 
@@ -66,9 +69,11 @@ def configs(draw) -> dict:
 
 
 def convert(model_name: str, fields: dict) -> torch.nn.Module:
+    captured = model_name.startswith("gpt-runtime-mask")  # torch.fx cannot trace its blocks: they are captured
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # expert choice's causality warning
-        return moe_compile.convert(dense(model_name), MoEConfig(**fields))
+        return moe_compile.convert(dense(model_name), MoEConfig(**fields),
+                                   example_inputs=torch.zeros(1, 1, dtype=torch.long) if captured else None)
 
 
 def token_ids(batch: int, seq: int, seed: int, repeat: bool) -> torch.Tensor:
@@ -130,6 +135,44 @@ def test_left_padding_invariance_with_dropless_routing(fields, shape, seed):
         alone = model(ids).logits
         left = model(padded, attention_mask=mask, position_ids=positions).logits[:, pad:]
     assert (left - alone).abs().max() <= 1e-4
+
+
+def decode_through_cache(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding with the model's KV cache (a transformers cache, or the hand-written GPT's (keys, values)
+    tuples): (the logits of every position, prompt and decoded tokens)."""
+    if hasattr(model, "config") and hasattr(model.config, "model_type"):
+        out = model(ids, use_cache=True)
+        logits, cache = out.logits, returned_cache(out)
+        argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        step_call = lambda token, cache: model(token, **{argument: cache}, use_cache=True)  # noqa: E731
+        read = lambda out: (out.logits, returned_cache(out))  # noqa: E731
+    else:
+        logits, cache = model(ids, use_cache=True)
+        step_call = lambda token, cache: model(token, past=cache, use_cache=True)  # noqa: E731
+        read = lambda out: out  # noqa: E731
+    every, tokens = [logits], ids
+    for _ in range(steps):
+        token = logits[:, -1:].argmax(-1)
+        tokens = torch.cat([tokens, token], 1)
+        logits, cache = read(step_call(token, cache))
+        every.append(logits)
+    return torch.cat(every, 1), tokens
+
+
+@given(model_name=st.sampled_from(("hf-llama", "gpt-runtime-mask")), fields=configs(), shape=shapes,
+       seed=st.integers(0, 100))
+@settings(max_examples=max(5, settings.default.max_examples // 3))
+def test_decoding_through_the_cache_equals_recomputing_the_sequence(model_name, fields, shape, seed):
+    """The blocks take calls with a KV cache as well as the call convert recorded (captured blocks capture that
+    kind of call on first use), and a dropless routing routes each token alone, so the cached steps are exact."""
+    fields = {**fields, "routing": "token_choice", "capacity_factor": None,
+              "top_k": min(fields.get("top_k", 1), fields["num_experts"])}
+    model = convert(model_name, fields)
+    ids = token_ids(*shape, seed, repeat=True)
+    with torch.no_grad():
+        cached, tokens = decode_through_cache(model, ids, steps=3)
+        whole = logits_of(model, tokens)
+    assert (cached - whole).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("target", ("portable", "ort"))  # two tests, so that test workers share the exports
