@@ -1,14 +1,17 @@
 """A causal LM as one ONNX decoder with a KV cache, in the layout optimum and onnxruntime-genai load.
 
-    inputs:  input_ids [b, s], attention_mask [b, p + s], position_ids [b, s] (when the model takes them),
+    inputs:  input_ids [b, s], attention_mask [b, p + s] (when the model takes one), position_ids [b, s] (likewise),
              past_key_values.{i}.key | .value [b, h_kv, p, d]                  (p = 0 for the prefill)
     outputs: logits [b, s, vocab], present.{i}.key | .value [b, h_kv, p + s, d]
              present = concat(past, the new tokens' keys / values) along the sequence axis
 
 One graph serves prefill (s = prompt length, p = 0) and every decode step (s = 1, p = tokens so far): b, s, p and
-p + s are dynamic axes. The model runs with a transformers `DynamicCache` built from the past tensors (one full
-layer per decoder layer, so a sliding-window layer keeps all keys and its mask does the windowing), and returns
-the cache's tensors as `present`.
+p + s are dynamic axes. Two kinds of model carry a cache: a transformers causal LM runs with a `DynamicCache` built
+from the past tensors (one full layer per decoder layer, so a sliding-window layer keeps all keys and its mask does
+the windowing) and returns the cache's tensors as `present`; a hand-written GPT takes a list of (keys, values) per
+block with use_cache=True and returns (logits, that list with the new tokens appended), as nanoGPT-style code does.
+A model that takes no attention mask cannot left-pad a batch: the generation runner refuses prompts of unequal
+lengths for it.
 
 Only a routing that computes each token from that token alone generates: a capacity counts the tokens of the
 call (a prompt and one decoded token see different capacities), and expert choice compares the tokens of a
@@ -47,10 +50,13 @@ class CacheLayout:
     heads: int
     head_dim: int
     position_ids: bool  # whether the model takes position_ids
-    cache_argument: str  # the forward's name for the cache: "cache" (transformers >= 5.2x) or "past_key_values"
+    cache_argument: str  # the forward's name for the cache: "cache" (transformers >= 5.2x), "past_key_values", ...
+    attention_mask: bool = True  # whether the model takes an attention mask
+    tuples: bool = False  # the cache is a list of (keys, values) per block, not a transformers Cache
+    vocab_size: int = 0
 
     def input_names(self) -> list[str]:
-        fixed = ["input_ids", "attention_mask"] + (["position_ids"] if self.position_ids else [])
+        fixed = ["input_ids"] + ["attention_mask"] * self.attention_mask + ["position_ids"] * self.position_ids
         return fixed + [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
 
     def output_names(self) -> list[str]:
@@ -58,23 +64,26 @@ class CacheLayout:
 
 
 class DecoderWithPast(nn.Module):
-    """model(input_ids, attention_mask, [position_ids], *past) -> (logits, *present), flat tensors only."""
+    """model(input_ids, [attention_mask], [position_ids], *past) -> (logits, *present), flat tensors only."""
 
     def __init__(self, model: nn.Module, layout: CacheLayout):
         super().__init__()
         self.model = model
         self.layout = layout
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, *rest: torch.Tensor):
+        layout = self.layout
+        named = dict(zip(["attention_mask"] * layout.attention_mask + ["position_ids"] * layout.position_ids, rest))
+        past = rest[len(named):]
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layout.num_layers)]
+        if layout.tuples:
+            logits, present = self.model(input_ids, **named, **{layout.cache_argument: pairs}, use_cache=True)[:2]
+            return (logits, *[t for pair in present for t in pair])
         from transformers import DynamicCache
 
-        position_ids, past = (rest[0], rest[1:]) if self.layout.position_ids else (None, rest)
-        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layout.num_layers)])
-        kwargs = {"position_ids": position_ids} if self.layout.position_ids else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                         **{self.layout.cache_argument: cache}, **kwargs)
-        present = returned_cache(out)
-        return (out.logits, *[t for layer in present.layers for t in (layer.keys, layer.values)])
+        out = self.model(input_ids=input_ids, use_cache=True, **named,
+                         **{layout.cache_argument: DynamicCache(pairs)})
+        return (out.logits, *[t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)])
 
 
 def generation_refusal(name: str, layer: MoELayer) -> Optional[str]:
@@ -94,13 +103,14 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     the model has no cache that this export can carry."""
     name = type(model).__name__
     params = inspect.signature(model.forward).parameters
-    cache_argument = next((n for n in ("cache", "past_key_values") if n in params), None)
-    if cache_argument is None or "use_cache" not in params or getattr(model, "config", None) is None:
+    cache_argument = next((n for n in ("cache", "past_key_values", "past") if n in params), None)
+    if cache_argument is None or "use_cache" not in params:
         raise MoECompileError(
-            f"export(task='text-generation'): {name} has no KV cache interface (a transformers causal LM, whose "
-            "forward takes a cache (past_key_values) and use_cache). Export it with task='forward' (a prompt-only "
-            "graph), or give the model a transformers-style cache.")
-    if getattr(model.config, "is_encoder_decoder", False):
+            f"export(task='text-generation'): {name} has no KV cache interface: a transformers causal LM (its forward "
+            "takes a cache and use_cache), or a GPT whose forward takes `past` (a list of (keys, values) per block) "
+            "and use_cache, and then returns (logits, that list). Export it with task='forward' (a prompt-only "
+            "graph), or give the model such a cache.")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise MoECompileError(f"export(task='text-generation'): {name} is an encoder-decoder; this export writes "
                               "decoder-only LMs. Export it with task='forward'.")
     refusals = [reason for reason in (generation_refusal(n, layer) for n, layer in iter_moe_layers(model)) if reason]
@@ -109,24 +119,27 @@ def cache_layout(model: nn.Module) -> CacheLayout:
                               f"{f' (and {len(refusals) - 1} more layers)' if len(refusals) > 1 else ''}. Convert "
                               "with a dropless routing for generation: token_choice with capacity_factor=None, or "
                               "switch with capacity_factor >= num_experts.")
-    ids = torch.zeros(2, 3, dtype=torch.long)
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, use_cache=True)
+            out = model(torch.zeros(2, 3, dtype=torch.long), use_cache=True)
     except MoECompileError:  # a captured block that cannot take the cache names itself
         raise
     except Exception as error:
         raise MoECompileError(f"export(task='text-generation'): {name} fails when called with use_cache=True: "
                               f"{first_line(error, 300)}.") from None
-    cache = returned_cache(out)
-    layers = getattr(cache, "layers", None)
-    if not layers or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4 for layer in layers):
-        raise MoECompileError(f"export(task='text-generation'): {name} returned a cache of type "
-                              f"{type(cache).__name__}, not one key and one value tensor [batch, heads, seq, "
-                              "head_dim] per layer; this export carries only such caches.")
-    keys = layers[0].keys
-    return CacheLayout(num_layers=len(layers), heads=keys.shape[1], head_dim=keys.shape[3],
-                       position_ids="position_ids" in params, cache_argument=cache_argument)
+    cache, tuples = returned_cache(out), isinstance(out, (tuple, list))
+    layers = getattr(cache, "layers", [])
+    pairs = out[1] if tuples and len(out) >= 2 else [(layer.keys, layer.values) for layer in layers]
+    logits = out[0] if tuples else getattr(out, "logits", None)
+    if not pairs or not isinstance(logits, torch.Tensor) or any(
+            len(pair) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in pair) for pair in pairs):
+        raise MoECompileError(f"export(task='text-generation'): {name} returned {type(out).__name__}, not logits and "
+                              "one key and one value tensor [batch, heads, seq, head_dim] per layer; this export "
+                              "carries only such caches.")
+    keys = pairs[0][0]
+    return CacheLayout(num_layers=len(pairs), heads=keys.shape[1], head_dim=keys.shape[3],
+                       position_ids="position_ids" in params, cache_argument=cache_argument,
+                       attention_mask="attention_mask" in params, tuples=tuples, vocab_size=logits.shape[-1])
 
 
 def returned_cache(output):
@@ -135,43 +148,52 @@ def returned_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def example_call(layout: CacheLayout, vocab: int, batch: int = 2, new: int = 3, past: int = 5):
+def example_call(layout: CacheLayout, batch: int = 2, new: int = 3, past: int = 5):
     """(args, dynamic_shapes) of one decode call: all sizes distinct and above 1 (torch.export specialises 0 and 1
     and unifies equal sizes)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, max(1, min(vocab, 100)), (batch, new), generator=g)
-    mask = torch.ones(batch, past + new, dtype=torch.long)
-    positions = torch.arange(past, past + new).expand(batch, new)
+    ids = torch.randint(0, max(1, min(layout.vocab_size, 100)), (batch, new), generator=g)
     caches = [torch.randn(batch, layout.heads, past, layout.head_dim, generator=g)
               for _ in range(2 * layout.num_layers)]
     Dim = torch.export.Dim
     b, s, p, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
-    rest = ((positions,) if layout.position_ids else ()) + tuple(caches)
-    rest_shapes = (({0: b, 1: s},) if layout.position_ids else ()) + tuple({0: b, 2: p} for _ in caches)
-    return (ids, mask, *rest), ({0: b, 1: s}, {0: b, 1: total}, rest_shapes)  # shapes follow forward's signature
+    rest, rest_shapes = [], []
+    if layout.attention_mask:
+        rest.append(torch.ones(batch, past + new, dtype=torch.long))
+        rest_shapes.append({0: b, 1: total})
+    if layout.position_ids:
+        rest.append(torch.arange(past, past + new).expand(batch, new))
+        rest_shapes.append({0: b, 1: s})
+    rest += caches
+    rest_shapes += [{0: b, 2: p} for _ in caches]
+    return (ids, *rest), ({0: b, 1: s}, tuple(rest_shapes))  # shapes follow forward's signature
 
 
 def write_client_files(model: nn.Module, layout: CacheLayout, directory: Path, dtype: torch.dtype) -> list[str]:
     """config.json, the source's tokenizer and generation files, genai_config.json (for model types that
-    onnxruntime-genai knows) and our own metadata beside model.onnx; returns the files written."""
-    config = model.config
-    config.save_pretrained(directory)
-    written = ["config.json"] + copy_source_files(source_dir(model), directory)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and "generation_config.json" not in written:
-        generation.save_pretrained(directory)
-        written.append("generation_config.json")
-    eos = _token_list(getattr(generation, "eos_token_id", None) or config.eos_token_id)
-    pad = getattr(generation, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) else (config.pad_token_id if isinstance(config.pad_token_id, int) else None)
-    metadata = {"format": 1, "model_file": MODEL_FILE, "model_type": config.model_type,
+    onnxruntime-genai knows) and our own metadata beside model.onnx; returns the files written. A model without a
+    transformers config (a hand-written GPT) gets the metadata alone: the other clients need that config."""
+    config = getattr(model, "config", None)
+    written, eos, pad, model_type = [], [], None, type(model).__name__
+    if hasattr(config, "save_pretrained"):
+        config.save_pretrained(directory)
+        written = ["config.json"] + copy_source_files(source_dir(model), directory)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and "generation_config.json" not in written:
+            generation.save_pretrained(directory)
+            written.append("generation_config.json")
+        eos = _token_list(getattr(generation, "eos_token_id", None) or config.eos_token_id)
+        pad = getattr(generation, "pad_token_id", None)
+        pad = pad if isinstance(pad, int) else (config.pad_token_id if isinstance(config.pad_token_id, int) else None)
+        model_type = config.model_type
+    metadata = {"format": 1, "model_file": MODEL_FILE, "model_type": model_type,
                 "num_layers": layout.num_layers, "kv_heads": layout.heads, "head_dim": layout.head_dim,
-                "position_ids": layout.position_ids, "dtype": str(dtype).removeprefix("torch."),
-                "vocab_size": config.vocab_size, "eos_token_id": eos, "pad_token_id": pad,
-                "inputs": layout.input_names(), "outputs": layout.output_names()}
+                "attention_mask": layout.attention_mask, "position_ids": layout.position_ids,
+                "dtype": str(dtype).removeprefix("torch."), "vocab_size": layout.vocab_size, "eos_token_id": eos,
+                "pad_token_id": pad, "inputs": layout.input_names(), "outputs": layout.output_names()}
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(METADATA_FILE)
-    genai_type = GENAI_MODEL_TYPES.get(config.model_type)
+    genai_type = GENAI_MODEL_TYPES.get(model_type) if layout.attention_mask else None
     if genai_type is not None:
         (directory / "genai_config.json").write_text(json.dumps(
             _genai_config(config, layout, genai_type, eos, pad), indent=2) + "\n")

@@ -120,7 +120,7 @@ def _export_decoder(model: nn.Module, directory: Path, *, target: str, dtype: Op
         raise MoECompileError(f"export(task='text-generation'): {os.fspath(directory)!r} is a file; pass a "
                               "directory (it is created when missing).")
     directory.mkdir(parents=True, exist_ok=True)
-    args, dynamic_shapes = decoder.example_call(layout, work.config.vocab_size)
+    args, dynamic_shapes = decoder.example_call(layout)
     call = decoder.DecoderWithPast(work, layout).eval()
     _, layer_inputs = _record_layer_inputs(work, lambda: call(*args))
     report = _lower_and_save(call, args, layer_inputs, directory / decoder.MODEL_FILE, target=target, dynamic=True,

@@ -9,7 +9,8 @@ The prompt is one prefill call (past length 0); each later call feeds one token 
 ONNX Runtime: the present outputs of a step are bound as the past inputs of the next (IO binding), not copied.
 
 Batches are left-padded: attention_mask is 0 on the pads and position_ids = max(cumsum(mask) - 1, 0), as
-transformers computes them, so a sequence's tokens do not depend on its batch-mates or on its padding.
+transformers computes them, so a sequence's tokens do not depend on its batch-mates or on its padding. A decoder
+whose model takes no attention mask (a hand-written GPT) generates batches of prompts of one length only.
 A sequence stops at a stop token (default: the model's eos tokens) or after max_new_tokens; a stopped sequence is
 fed the pad token until the others stop.
 Needs no transformers at run time: `tokenizers` reads tokenizer.json when text is given.
@@ -90,7 +91,8 @@ class Generator:
                 model_file, exact_options(options), providers=providers or ["CPUExecutionProvider"]), []
         self._ort = ort
         self.dtype = _NUMPY_DTYPES[self.metadata["dtype"]]
-        self.past_names = self.metadata["inputs"][3 if self.metadata["position_ids"] else 2:]
+        self.takes_mask = self.metadata.get("attention_mask", True)
+        self.past_names = self.metadata["inputs"][1 + self.takes_mask + self.metadata["position_ids"]:]
         self.present_names = self.metadata["outputs"][1:]
         tokenizer_path = self.directory / "tokenizer.json"
         self.tokenizer = None
@@ -142,6 +144,10 @@ class Generator:
             raise MoECompileError(f"generate: sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0; got "
                                   f"temperature={temperature}, top_p={top_p}, top_k={top_k}.")
         ids, is_text = self.encode(prompts)
+        if not self.takes_mask and len(set(map(len, ids))) > 1:
+            raise MoECompileError(f"generate: the decoder in {self.directory} takes no attention mask (its model has "
+                                  "none), so it cannot left-pad a batch; give prompts of one length, or generate them "
+                                  "one at a time.")
         stops = set(self.stop_tokens if stop_tokens is None else stop_tokens)
         rng = np.random.default_rng(seed)
         batch, longest = len(ids), max(map(len, ids))
@@ -189,7 +195,8 @@ class Generator:
         selections: empty unless the generator was made with routing=True)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        if self.takes_mask:
+            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if self.metadata["position_ids"]:
             positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -tokens.shape[1]:]
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))

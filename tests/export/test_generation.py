@@ -16,7 +16,7 @@ import moe_compile
 from moe_compile import MoECompileError, MoEConfig
 from moe_compile.export import Generator
 
-from ..conftest import VOCAB
+from ..conftest import VOCAB, make_dense_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -264,3 +264,28 @@ def test_block_captured_by_torch_export_generates(tmp_path):
     moe_compile.export(model, None, tmp_path, task="text-generation")
     parity = moe_compile.check_generation(model, tmp_path, PROMPTS, steps=8)
     assert parity.passed and parity.token_agreement == 1.0, parity.table()
+
+
+@pytest.mark.parametrize("conversion", ["dense", "split", "upcycle"])
+def test_a_hand_written_gpt_with_a_tuple_cache_generates(tmp_path, conversion):
+    """The embedded hand-written GPT takes `past` (a (keys, values) pair per block) and use_cache, and its blocks
+    are captured with torch.export on a call without a cache: the decoder export calls them with one, and the
+    exported decoder computes every step as eager does. It takes no attention mask, so the runner generates
+    batches of prompts of one length only, and says so for others."""
+    dense = make_dense_model("gpt-runtime-mask")
+    model = dense if conversion == "dense" else moe_compile.convert(
+        dense, MoEConfig(**(SPLIT if conversion == "split" else UPCYCLE)), example_inputs=torch.zeros(1, 1).long())
+    report = moe_compile.export(model, None, tmp_path, task="text-generation")
+    assert report.files == ["moe_generation.json"]  # no transformers config: the clients need one
+    parity = moe_compile.check_parity(model, tmp_path, PROMPTS)
+    assert parity.passed and parity.max_abs <= 1e-5 and parity.token_agreement == 1.0, parity.table()
+    assert conversion == "dense" or parity.routing.share == 1.0, parity.table()
+    prompts = [PROMPTS[0][:6], PROMPTS[0][5:]]
+    result = moe_compile.generate(tmp_path, prompts, max_new_tokens=32, stop_tokens=[])
+    sequence = torch.tensor(prompts)
+    with torch.no_grad():
+        for _ in range(32):
+            sequence = torch.cat([sequence, model(sequence)[:, -1:].argmax(-1)], dim=1)
+    assert result.tokens == sequence[:, 6:].tolist()
+    with pytest.raises(MoECompileError, match="takes no attention mask .* prompts of one length"):
+        moe_compile.generate(tmp_path, PROMPTS, max_new_tokens=2)
