@@ -288,3 +288,35 @@ def test_text_generation_export_check_and_generate(capsys, tmp_path):
 def test_generation_commands_bad_input(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_check_fails_an_export_whose_ties_break_the_other_way(capsys, monkeypatch, tmp_path):
+    """GPT-NeoX's first FFN sees the embeddings (parallel residual), so repeated ids tie in expert choice; `check`'s
+    inputs repeat ids. An export whose top-k lets the higher index win a tie (the bug ONNX's TopK once caused)
+    fails the check; the export as it is passes."""
+    transformers = pytest.importorskip("transformers")
+    from moe_compile.moe.routers import expert_choice
+
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, vocab_size=256)
+    transformers.GPTNeoXForCausalLM(config).eval().save_pretrained(tmp_path / "dense")
+    saved = tmp_path / "moe"
+    assert main(["convert", "--hf", str(tmp_path / "dense"), "--num-experts", "2", "--top-k", "1", "--routing",
+                 "expert_choice", "--experts", "split", "--out", str(saved)]) == 0
+    capsys.readouterr()
+
+    def higher_index_wins(scores, k, ordered=True):  # top_k with the tie-breaking key reversed
+        n = scores.shape[-1]
+        rank = (scores.topk(k, dim=-1).values.unsqueeze(-2) > scores.unsqueeze(-1)).sum(-1)
+        key = rank.float() * n + torch.arange(n - 1, -1, -1, dtype=torch.float32)
+        return key.topk(k, dim=-1, largest=False).indices
+
+    for name, patched in (("right", False), ("tie-bugged", True)):
+        with monkeypatch.context() as patch:
+            if patched:
+                patch.setattr(expert_choice, "top_k", higher_index_wins)
+            assert main(["export", str(saved), "--target", "portable", "--out", str(tmp_path / f"{name}.onnx")]) == 0
+        capsys.readouterr()
+        code, out, _ = run(capsys, "check", str(saved), str(tmp_path / f"{name}.onnx"), "--json")
+        assert (code, json.loads(out)["passed"]) == ((1, False) if patched else (0, True)), out
