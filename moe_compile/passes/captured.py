@@ -70,6 +70,7 @@ class CapturedBlock(nn.Module):
         for buffer_name, buffer in first.named_buffers(recurse=False):
             self.register_buffer(buffer_name, buffer, persistent=buffer_name not in first._non_persistent_buffers_set)
         self.__dict__["graphs"] = {self._kind(call): [_Graph(first, _fixed_axes(call))]}
+        self.train(source.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kind, tensors = self._kind((args, kwargs)), _tensors((args, kwargs))

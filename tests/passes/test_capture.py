@@ -105,6 +105,17 @@ def test_captured_block_shares_parameters_trains_and_follows_train_mode():
         assert torch.equal(moe(tokens), moe(tokens))  # ... and not in eval mode
 
 
+def test_a_model_converted_in_eval_mode_stays_in_eval_mode():
+    """The block's dropouts (p = 0.5 here) stay off until train() is called: the conversion is exact in eval."""
+    model = make_dense_model("gpt-runtime-mask")
+    for block in model.transformer.h:
+        block.drop.p = 0.5
+    moe = moe_compile.convert(model, EXACT["split k=E"], example_inputs=ids((1, 1)))
+    assert not any(m.training for m in moe.modules())
+    with torch.no_grad():
+        assert (moe(ids((2, 9))) - model(ids((2, 9)))).abs().max() <= 1e-5
+
+
 def test_captured_model_saves_and_loads(converted, tmp_path):
     moe = converted("gpt-runtime-mask", "upcycle top-2")
     moe_compile.save(moe, tmp_path)
