@@ -105,12 +105,23 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
-def trace(module: nn.Module) -> fx.Graph:
-    """The module's fx graph; raises whatever torch.fx raises when its forward does not trace. Arguments that
-    default to None are traced as None (`if layer_idx is None` takes its branch; the graph asserts None)."""
-    optional = {name: None for name, p in inspect.signature(module.forward).parameters.items()
+def trace(module: nn.Module, optional_as_none: bool = False) -> Optional[fx.Graph]:
+    """The module's fx graph; raises whatever torch.fx raises when its forward does not trace.
+
+    optional_as_none: trace the arguments that default to None as None, so that `if layer_idx is None` takes the
+    branch the model's usual call takes (the graph asserts that they stay None, and keeps their names, so that a
+    call passing one by keyword reaches the assertion); None when the forward has no such argument."""
+    if not optional_as_none:
+        return _ChildrenAsLeaves().trace(module)
+    optional = {name for name, p in inspect.signature(module.forward).parameters.items()
                 if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return _ChildrenAsLeaves().trace(module, concrete_args=optional or None)
+    if not optional:
+        return None
+    graph = _ChildrenAsLeaves().trace(module, concrete_args=dict.fromkeys(optional))
+    for node in graph.nodes:  # fx names them `mask_1`, which a keyword call `mask=` would not reach
+        if node.op == "placeholder" and node.target.rpartition("_")[0] in optional:
+            node.target = node.target.rpartition("_")[0]
+    return graph
 
 
 def record_calls(model: nn.Module, inputs: ModelInputs, modules: dict[str, nn.Module]) -> dict[str, Call]:

@@ -80,6 +80,8 @@ def _scan(model: nn.Module, inputs: Optional[ModelInputs], given: bool) -> tuple
             continue
         traced.add(name)
         matches = match_ffns(module, graph)
+        if not matches:  # a branch on an argument that defaults to None may have hidden it (Moshi's layer_idx)
+            graph, matches = _with_optional_as_none(module, graph)
         if not matches:
             notes.append(ModuleNote(name, "traced; no FFN pattern"))
         for match in matches:
@@ -114,6 +116,17 @@ def _scan(model: nn.Module, inputs: Optional[ModelInputs], given: bool) -> tuple
             sites.append(_Site(found.block, model.get_submodule(found.block), None, found.match, False, report,
                                found.chain))
     return sites, notes
+
+
+def _with_optional_as_none(module: nn.Module, graph: fx.Graph) -> tuple[fx.Graph, list[FFNMatch]]:
+    """(graph, its matches) of the module traced with its None-default arguments as None, when that finds FFNs;
+    else the plain graph and no match."""
+    try:
+        retraced = trace(module, optional_as_none=True)
+    except Exception:  # torch.fx raises many kinds; each means "not traceable this way either"
+        return graph, []
+    matches = match_ffns(module, retraced) if retraced is not None else []
+    return (retraced, matches) if matches else (graph, [])
 
 
 def _captured_site(model: nn.Module, found: LocatedFFN,

@@ -549,14 +549,15 @@ def test_a_hidden_module_that_changes_the_width_is_skipped():
 
 class OptionalArgument(nn.Module):
     """Takes an argument that defaults to None and branches on it (Moshi's MLP: `fc1(x) if layer_idx is None else
-    fc1(x, layer_idx)`): torch.fx traces it as None, and the graph asserts that it stays None."""
+    fc1(x, layer_idx)`): the plain trace takes the other branch and finds no FFN, so it is traced again with the
+    argument as None, and the graph asserts that it stays None."""
 
     def __init__(self):
         super().__init__()
         self.up, self.down = nn.Linear(D, H), nn.Linear(H, D)
 
     def forward(self, x, shift=None):
-        h = self.up(x) if shift is None else self.up(x + shift)
+        h = self.up(x) if shift is None else self.up(x) * shift
         return self.down(F.gelu(h))
 
 
@@ -567,5 +568,7 @@ def test_an_argument_that_defaults_to_none_is_traced_as_none():
     moe = convert(model, MoEConfig(num_experts=4, top_k=4, experts="split"))
     with torch.no_grad():
         assert (moe(IDS) - model(IDS)).abs().max().item() <= 1e-5
-    with pytest.raises(AssertionError, match="shift has been specialized to have value None"):
-        moe.ffn(torch.randn(2, 3, D), torch.ones(D))
+    for call in ((torch.ones(D),), {"shift": torch.ones(D)}):  # positional or by keyword: refused, not ignored
+        args, kwargs = (call, {}) if isinstance(call, tuple) else ((), call)
+        with pytest.raises(AssertionError, match="shift has been specialized to have value None"):
+            moe.ffn(torch.randn(2, 3, D), *args, **kwargs)
