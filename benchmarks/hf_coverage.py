@@ -42,7 +42,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 MAPPINGS = {"causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
             "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"}
-TINY = dict(layers=2, width=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=64)
+TINY = dict(layers=2, width=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=96)  # vocab != width (below)
 TOLERANCE = 1e-5
 STATE_SPACE = {"mamba", "falcon_mamba", "mamba2"}  # model types with no FFN in any block
 NOT_AN_FFN = "shapes do not form an FFN"  # a projector or LM head (d_in != d_out) the matcher rightly passes over
@@ -111,6 +111,8 @@ def shrink(config, tiny: int = TINY["width"]):
                 changes[name] = 0
             elif name == "default_language" and values.get("languages"):  # X-MOD's adapters need a language
                 changes[name] = values["languages"][0]
+        if name == "vocab_size" and value == tiny:  # ESM-C's 64: an LM head d -> vocab would look like a square FFN
+            changes[name] = TINY["vocab"]
         if name == "rope_parameters" and value == {} and values.get("layer_types"):  # Cohere Compass sets none
             changes[name] = {kind: {"rope_type": "default", "rope_theta": 10000.0} for kind in values["layer_types"]}
         if isinstance(value, bool) or not isinstance(value, (int, list)):

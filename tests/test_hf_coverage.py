@@ -102,3 +102,9 @@ def test_a_model_that_adds_audio_to_every_token_gets_audio_features():
     frames = 5 * realtime.audio_length_per_tok
     assert hf_coverage.per_token_audio(realtime, ids).shape == (3, realtime.audio_config.num_mel_bins, frames)
     assert hf_coverage.per_token_audio(hf_coverage.shrink(transformers.AutoConfig.for_model("voxtral")), ids) is None
+
+
+def test_a_vocabulary_as_wide_as_the_tiny_model_is_not_kept():
+    """ESM-C's vocabulary (64) is the tiny width: its LM head d -> vocab would look like a square FFN."""
+    config = hf_coverage.shrink(transformers.AutoConfig.for_model("esmc"))
+    assert config.hidden_size == hf_coverage.TINY["width"] and config.vocab_size == hf_coverage.TINY["vocab"]
