@@ -125,7 +125,7 @@ def locate_by_calls(model: nn.Module, inputs: ModelInputs, covered: set[str]) ->
         found.append(LocatedFFN(match, _common_parent(list(names)), {"up": names[0], "down": names[-1]},
                                 ModuleChain(names[0], list(names[1:])), check_match(match),
                                 how="from the module calls of one forward"))
-    if _same_outputs_as_chains(model, inputs, found, reference):
+    if not found or _same_outputs_as_chains(model, inputs, found, reference):
         return found
     return [f for f in found if _same_outputs_as_chains(model, inputs, [f], reference)]
 
