@@ -179,7 +179,8 @@ def test_a_flag_the_block_was_not_captured_with_captures_it_again():
     with torch.no_grad():
         assert (moe(x) - dense(x)).abs().max() <= 1e-5
         assert (moe(x, double=True) - dense(x, double=True)).abs().max() <= 1e-5
-        assert (moe(torch.randn(1, 1, 16), double=True) - dense(torch.randn(1, 1, 16), double=True)).abs().max() > 0
+        single = torch.randn(1, 1, 16)  # captured at batch 2 x 5, the double=True graph serves 1 x 1 too
+        assert (moe(single, double=True) - dense(single, double=True)).abs().max() <= 1e-5
     assert "2 graphs captured" in repr(moe.block)
 
 
