@@ -8,9 +8,9 @@ Models (random weights, fp32, with their LM heads): a GPT-2-small shape (12 laye
 and a LLaMA shape of similar size (12 layers, d 768, d_ff 2048 SwiGLU, 12 heads, 4 KV heads, vocab 32000).
 Each is exported with export(task="text-generation") (target portable) and run by our runner (ONNX Runtime,
 1 intra-op thread), and run by transformers' generate in eager PyTorch (1 thread): batch 1 and 8, prompts of 128
-and 512 tokens, 128 new tokens (no stop token). Time to first token = the prefill call (our runner), or
-generate(max_new_tokens=1) (eager); per-token latency = the median decode step (ours), or
-(t(128 tokens) - t(1 token)) / 127 (eager). All variants of one model are timed in one process, in round-robin
+and 512 tokens, 128 new tokens (no stop token). Time to first token = the prefill call (our runner), or the
+time until a streamer receives the first new token (eager); per-token latency = the median decode step (ours), or
+the mean time between the first and the last streamed token (eager). All variants of one model are timed in one process, in round-robin
 rounds, and each figure is the median over rounds; the ratios compare variants measured side by side.
 
 "split 8/2 int4": the split model after quantize_experts(bits=4, block_size=32), its experts run by ONNX Runtime
