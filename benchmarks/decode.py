@@ -10,12 +10,15 @@ Each is exported with export(task="text-generation") (target portable) and run b
 1 intra-op thread), and run by transformers' generate in eager PyTorch (1 thread): batch 1 and 8, prompts of 128
 and 512 tokens, 128 new tokens (no stop token). Time to first token = the prefill call (our runner), or the
 time until a streamer receives the first new token (eager); per-token latency = the median decode step (ours), or
-the mean time between the first and the last streamed token (eager). All variants of one model are timed in one process, in round-robin
-rounds, and each figure is the median over rounds; the ratios compare variants measured side by side.
+the mean time between the first and the last streamed token (eager). All variants of one model are timed in one
+process, in round-robin rounds, and each figure is the median over rounds; the ratios compare variants measured
+side by side.
 
 "split 8/2 int4": the split model after quantize_experts(bits=4, block_size=32), its experts run by ONNX Runtime
 as MatMulNBits in float32 (accuracy level 0, as parity needs); in eager it is the float32 split model's speed, so
-it is timed in ONNX Runtime only.
+it is timed in ONNX Runtime only. "(ort)": the same model exported with target="ort" (int4 experts as
+com.microsoft.QMoE nodes; attention fused into MultiHeadAttention), compared with the dense model exported the same
+way.
 
 Prefill's Amdahl bound for split 8/2: 1 - s + 0.25 s, with s the FFNs' share of the dense prefill time, measured
 on the same export with every FFN replaced by zeros.
@@ -56,7 +59,8 @@ class Sizes:
 
 FULL = Sizes(12, 768, 12, 4, 2048, 50257, 32000, (1, 8), (128, 512), 128, rounds=3)
 TINY = Sizes(2, 64, 4, 2, 128, 256, 256, (2,), (8,), 4, rounds=1, int4_block=16)
-VARIANTS = ("dense", "split 8/2", "split 8/2 int4", "upcycle 8/2", "no FFN")
+VARIANTS = ("dense", "split 8/2", "split 8/2 int4", "upcycle 8/2", "no FFN", "dense (ort)", "split 8/2 int4 (ort)")
+ORT = " (ort)"  # a variant exported with target="ort" (int4 experts as com.microsoft.QMoE), compared with dense (ort)
 EAGER = ("dense", "split 8/2", "upcycle 8/2")  # eager runs int4 experts as their float32 dequantised weights
 
 
@@ -146,9 +150,11 @@ def run_family(family: str, sizes: Sizes, workdir: Path) -> dict:
     dense = build(family, sizes)
     models, exports = {}, []
     for name in VARIANTS:
-        models[name] = variant(dense, name, sizes)
+        base = name.removesuffix(ORT)  # the same model, exported for another target
+        models[name] = models[base] if base != name else variant(dense, name, sizes)
         start = time.perf_counter()
-        mc.export(models[name], None, _directory(workdir, family, name), task="text-generation")
+        mc.export(models[name], None, _directory(workdir, family, name), task="text-generation",
+                  target="ort" if name.endswith(ORT) else "portable")
         exports.append({"variant": name, "export_s": round(time.perf_counter() - start, 1)})
         print(f"  exported {family} {name}", file=sys.stderr, flush=True)
     vocab = models["dense"].config.vocab_size
@@ -172,9 +178,10 @@ def run_family(family: str, sizes: Sizes, workdir: Path) -> dict:
                              "ttft_ms": round(ttft * 1e3, 1), "per_token_ms": round(step * 1e3, 2),
                              "kv_cache_mib": None if runs[0][2] is None else round(runs[0][2] / 2 ** 20, 1)})
             print(f"  timed {family} batch {batch} prompt {prompt}", file=sys.stderr, flush=True)
-    for row in rows:  # ratios to dense in the same runtime, same batch and prompt
+    for row in rows:  # ratios to dense in the same runtime and target, same batch and prompt
+        base = "dense" + (ORT if row["variant"].endswith(ORT) else "")
         dense_row = next(r for r in rows if (r["batch"], r["prompt"], r["runtime"], r["variant"]) ==
-                         (row["batch"], row["prompt"], row["runtime"], "dense"))
+                         (row["batch"], row["prompt"], row["runtime"], base))
         row["ttft_ratio"] = round(row["ttft_ms"] / dense_row["ttft_ms"], 3)
         row["per_token_ratio"] = round(row["per_token_ms"] / dense_row["per_token_ms"], 3)
         if row["runtime"] == "onnxruntime" and row["variant"] == "split 8/2":
@@ -188,22 +195,24 @@ def run_family(family: str, sizes: Sizes, workdir: Path) -> dict:
 
 def markdown(results: dict) -> str:
     lines = ["| model | batch | prompt | runtime | dense TTFT / per token | split 8/2 TTFT / per token | "
-             "split 8/2 int4 experts | upcycle 8/2 TTFT / per token | split prefill Amdahl bound | KV cache (ours) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "split 8/2 int4 experts | split 8/2 int4, ort target (QMoE) / dense ort | upcycle 8/2 TTFT / per token | "
+             "split prefill Amdahl bound | KV cache (ours) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for family in results["families"]:
         for row in family["rows"]:
             if row["variant"] != "dense":
                 continue
             key = (row["batch"], row["prompt"], row["runtime"])
             by = {r["variant"]: r for r in family["rows"] if (r["batch"], r["prompt"], r["runtime"]) == key}
-            split, upcycle, int4 = by["split 8/2"], by["upcycle 8/2"], by.get("split 8/2 int4")
-            int4_cell = "-" if int4 is None else f"{int4['ttft_ratio']:.2f}x / {int4['per_token_ratio']:.2f}x"
+            split, upcycle = by["split 8/2"], by["upcycle 8/2"]
+            int4_cell, qmoe_cell = ("-" if r is None else f"{r['ttft_ratio']:.2f}x / {r['per_token_ratio']:.2f}x"
+                                    for r in (by.get("split 8/2 int4"), by.get("split 8/2 int4" + ORT)))
             bound = split.get("prefill_amdahl_bound")
             cache = "-" if row["kv_cache_mib"] is None else f"{row['kv_cache_mib']} MiB"
             lines.append(
                 f"| {family['family']} | {row['batch']} | {row['prompt']} | {row['runtime']} | "
                 f"{row['ttft_ms']} ms / {row['per_token_ms']} ms | {split['ttft_ratio']:.2f}x / "
-                f"{split['per_token_ratio']:.2f}x | {int4_cell} | {upcycle['ttft_ratio']:.2f}x / "
+                f"{split['per_token_ratio']:.2f}x | {int4_cell} | {qmoe_cell} | {upcycle['ttft_ratio']:.2f}x / "
                 f"{upcycle['per_token_ratio']:.2f}x | "
                 f"{'-' if bound is None else f'{bound:.2f}x'} | {cache} |")
     return "\n".join(lines) + "\n"
@@ -220,6 +229,7 @@ def plot(results: dict, path: Path) -> None:
         settings = sorted({(r["batch"], r["prompt"]) for r in family["rows"]})
         labels = [f"b{b} p{p}" for b, p in settings]
         for name, runtime, style in (("split 8/2", "onnxruntime", "-o"), ("split 8/2 int4", "onnxruntime", "-^"),
+                                     ("split 8/2 int4" + ORT, "onnxruntime", "-v"),
                                      ("upcycle 8/2", "onnxruntime", "-s"),
                                      ("split 8/2", "eager", ":o"), ("upcycle 8/2", "eager", ":s")):
             ratios = [next(r["per_token_ratio"] for r in family["rows"] if (r["batch"], r["prompt"], r["variant"],

@@ -39,7 +39,7 @@ from ..passes.rewrite import replace_submodule
 from . import decoder, weight_only
 from .fusion import fuse_attention
 from .layer_functions import LayerFunctions
-from .ort_moe import OP_NAME, OrtMoE, may_drop, ort_unsupported_reason
+from .ort_moe import OrtMoE, may_drop, ort_node_name, ort_unsupported_reason
 from .report import ExportReport, LayerLowering
 from .trt_moe import OP_NAME as TRT_OP_NAME
 from .trt_moe import TensorRTMoE, tensorrt_unsupported_reason
@@ -48,8 +48,8 @@ TARGETS = ("portable", "ort", "tensorrt")
 DTYPES = (torch.float32, torch.float16)
 TRT_DTYPES = DTYPES + (torch.bfloat16,)  # TensorRT builds strongly typed engines in the ONNX file's dtype
 # target -> (the node a layer becomes, why a layer cannot, the module that emits the node)
-_NODE_LOWERINGS = {"ort": (OP_NAME, ort_unsupported_reason, OrtMoE),
-                   "tensorrt": (TRT_OP_NAME, tensorrt_unsupported_reason, TensorRTMoE)}
+_NODE_LOWERINGS = {"ort": (ort_node_name, ort_unsupported_reason, OrtMoE),
+                   "tensorrt": (lambda layer: TRT_OP_NAME, tensorrt_unsupported_reason, TensorRTMoE)}
 
 
 TASKS = ("forward", "text-generation")
@@ -160,12 +160,13 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
         call = call.to(dtype)
         args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
     dtype_name = str(dtype or next((p.dtype for p in call.parameters() if p.is_floating_point()), torch.float32))
-    layers, functions, names = [], LayerFunctions(dynamic), []
+    layers, functions, names, portable = [], LayerFunctions(dynamic), [], set()
     for name, layer in list(iter_moe_layers(call)):
         names.append(name)
         replacement, lowering = _lower(name.removeprefix("model."), layer, target, fallback)
         layers.append(lowering)
         if replacement is None:  # portable: one traced function per layer structure
+            portable.add(name)
             replacement = functions.call(layer, [x.to(layer.up_weight.dtype) for x in layer_inputs.get(layer, [])])
         if replacement is not None:
             call = replace_submodule(call, name, replacement)
@@ -177,6 +178,7 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
         except Exception as error:  # the exporter raises many kinds
             raise _export_failure(call, args, names, dynamic_shapes, error) from None
         functions.inline_into(program.model, _opset_of(program))
+    rounded = {key: matrix for key, matrix in rounded.items() if matrix.layer in portable}  # the rest: QMoE nodes
     quantized = weight_only.lower_quantized_experts(program.model, rounded) if rounded else 0
     program.save(os.fspath(path))
     fused = _fuse_attention(path, causal_attention) if target == "ort" else 0
@@ -265,10 +267,9 @@ def _lower(name: str, layer: MoELayer, target: str, fallback: bool) -> tuple[Opt
     """The module that replaces `layer` in the copy (None: keep it, portable) and its line of the report."""
     router = layer.router
     routing = router.routing
-    node, unsupported_reason, node_module = _NODE_LOWERINGS.get(target, (None, None, None))
+    node_name, unsupported_reason, node_module = _NODE_LOWERINGS.get(target, (None, None, None))
+    node = node_name(layer) if node_name else None
     reason = unsupported_reason(layer) if unsupported_reason else None
-    if node is not None and layer.expert_weight_bits is not None:
-        reason = f"its experts are int{layer.expert_weight_bits[0]} weights, which {node} does not take"
     if node is not None and reason is None:
         return node_module(layer), LayerLowering(name, routing, node, "none (dropless kernel)", False)
     if reason is not None and not fallback:

@@ -20,6 +20,15 @@ and the output is multiplied by k (exact when k is a power of two; otherwise wit
 A shared output bias (split experts) is an Add after the node, and so is a shared expert's output (split
 experts with shared neurons), computed with standard ops beside it. `ort_unsupported_reason` says why a layer
 computes something the op cannot; such layers keep the portable lowering.
+
+A layer with int4 experts (`quantize_experts(bits=4, block_size=B)`) becomes `com.microsoft.QMoE` instead: the
+same inputs and gates, each expert matrix [out, in] as the integers q of its grid stored as q + 8 (the op's
+default zero point), two to a byte, the even input index in the low nibble ([E, out, in / 2] uint8, the raw layout:
+weights_prepacked = 0), and its scales [E, out, in / B], so that the op dequantises W' = q s, the eager layer's
+weights; accuracy_level 0 keeps float32 activations (max abs 6e-7 against the dequantised weights on one layer).
+int8 experts stay portable: the CPU kernel computes block-wise int8 experts on int8-quantised activations only
+(1.5e-2 off on outputs of magnitude 1.7 in the same check; per-channel int8, which quantize_experts does not
+write, is exact).
 """
 
 from __future__ import annotations
@@ -32,9 +41,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..moe import MoELayer, activation_name
+from ..moe.quantize import quantize_blocks
 from ..moe.routers import top_k
 
 OP_NAME = "com.microsoft.MoE"
+QUANTIZED_OP_NAME = "com.microsoft.QMoE"
 
 # our activation name -> the op's activation_type (gelu there is the tanh approximation)
 _PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu", "silu": "silu"}
@@ -51,7 +62,17 @@ def ort_unsupported_reason(layer: MoELayer) -> Optional[str]:
         return "erf GELU; com.microsoft.MoE's gelu is the tanh approximation (about 3e-4 away)"
     if not layer.gated and layer.activation not in _PLAIN_ACTIVATIONS:
         return f"activation {layer.activation!r} is not among com.microsoft.MoE's activation types"
+    if layer.expert_weight_bits is not None and layer.expert_weight_bits[0] != 4:
+        bits, block_size = layer.expert_weight_bits
+        return (f"its experts are int{bits} weights in blocks of {block_size}; {QUANTIZED_OP_NAME}'s CPU kernel "
+                "computes block-wise int8 experts on int8-quantised activations only (about 1e-2 off), not what "
+                "eager computes")
     return None
+
+
+def ort_node_name(layer: MoELayer) -> str:
+    """The node `layer` becomes in the `ort` target: QMoE for int4 experts, else MoE."""
+    return OP_NAME if layer.expert_weight_bits is None else QUANTIZED_OP_NAME
 
 
 def own_modules(layer: MoELayer, op: str) -> Optional[str]:
@@ -82,7 +103,7 @@ def may_drop(capacity_factor: Optional[float], top_k: int, num_experts: int) -> 
 
 
 class OrtMoE(nn.Module):
-    """The com.microsoft.MoE node of one MoELayer; it exists only inside torch.onnx.export.
+    """The com.microsoft.MoE (or QMoE) node of one MoELayer; it exists only inside torch.onnx.export.
 
     Holds the op's inputs as buffers, already in the op's layout, so the ONNX file stores them as initializers.
     """
@@ -105,8 +126,18 @@ class OrtMoE(nn.Module):
                 gate_bias = zeros if layer.gate_bias is None else layer.gate_bias
                 up_bias = zeros if layer.up_bias is None else layer.up_bias
                 fc1_bias = torch.stack([gate_bias, up_bias], dim=2).flatten(1, 2)
-        for name, value in (("router_weight", router.weight), ("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias),
-                            ("fc2_weight", layer.down_weight), ("fc2_bias", layer.down_bias),
+        self.block_size = None if layer.expert_weight_bits is None else layer.expert_weight_bits[1]
+        weights = {"fc1": fc1_weight, "fc2": layer.down_weight}
+        for name, weight in weights.items():
+            if self.block_size is None:
+                self.register_buffer(f"{name}_weight", weight.detach().clone())
+                self.register_buffer(f"{name}_scales", None)
+            else:
+                q, scales = quantize_blocks(weight, 4, self.block_size)  # the grid's integers again (idempotent)
+                nibbles = (q + 8).to(torch.uint8)
+                self.register_buffer(f"{name}_weight", nibbles[..., 0::2] | (nibbles[..., 1::2] << 4))
+                self.register_buffer(f"{name}_scales", scales)
+        for name, value in (("router_weight", router.weight), ("fc1_bias", fc1_bias), ("fc2_bias", layer.down_bias),
                             ("output_bias", layer.output_bias)):
             self.register_buffer(name, None if value is None else value.detach().clone())
         self.shared = copy.deepcopy(layer.shared)
@@ -125,10 +156,15 @@ class OrtMoE(nn.Module):
         attrs = {"k": self.top_k, "normalize_routing_weights": 1, "activation_type": self.activation}
         if self.activation == "swiglu":
             attrs.update(swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
-        y = torch.onnx.ops.symbolic(
-            "com.microsoft::MoE",
-            (flat, masked, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias),
-            attrs, dtype=x.dtype, shape=flat.shape, version=1)
+        if self.block_size is None:
+            op, inputs = "MoE", (flat, masked, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        else:
+            op = "QMoE"
+            inputs = (flat, masked, self.fc1_weight, self.fc1_scales, self.fc1_bias, self.fc2_weight,
+                      self.fc2_scales, self.fc2_bias)
+            attrs.update(expert_weight_bits=4, block_size=self.block_size, weights_prepacked=0, accuracy_level=0)
+        y = torch.onnx.ops.symbolic(f"com.microsoft::{op}", inputs, attrs, dtype=x.dtype, shape=flat.shape,
+                                    version=1)
         if self.unweighted:
             y = y * self.top_k
         elif not self.normalize:

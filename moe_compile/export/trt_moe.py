@@ -33,6 +33,8 @@ OP_NAME = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 
 def tensorrt_unsupported_reason(layer: MoELayer) -> Optional[str]:
     """Why the moe_ffn plugin cannot compute exactly what `layer` computes, or None when it can."""
+    if layer.expert_weight_bits is not None:
+        return f"its experts are int{layer.expert_weight_bits[0]} weights, which {PLUGIN_NAME} does not take"
     return not_dropless_token_choice(layer, PLUGIN_NAME) or own_modules(layer, PLUGIN_NAME)
 
 

@@ -41,6 +41,7 @@ def exact_options(options=None):
 
 @dataclass
 class ExpertMatrix:
+    layer: str
     name: str  # layer.matrix.expert
     q: torch.Tensor  # [out, in] int8, the integers of its b-bit grid
     scales: torch.Tensor  # [out, in / B]
@@ -66,7 +67,8 @@ def expert_matrices(layers: list) -> dict[tuple, ExpertMatrix]:
                         f"export: expert matrix {name}.{matrix}[{e}] is not on its int{bits} grid: its weights "
                         "changed after quantize_experts (training, healing, loading other weights). Call "
                         "moe_compile.quantize_experts(model, ...) again before exporting.")
-                matrices[_key(weight.numpy())] = ExpertMatrix(f"{name}.{matrix}.{e}", q, scales, bits, block_size)
+                matrices[_key(weight.numpy())] = ExpertMatrix(name, f"{name}.{matrix}.{e}", q, scales, bits,
+                                                              block_size)
     return matrices
 
 

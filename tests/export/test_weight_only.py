@@ -81,21 +81,41 @@ def test_export_runs_b_bit_experts_and_equals_the_rounded_eager_model(tmp_path, 
     assert parity.passed and parity.outputs[0].max_abs <= 1e-5 and parity.routing.share == 1.0, parity.table()
 
 
-def test_generation_export_decodes_with_b_bit_experts(tmp_path):
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_generation_export_decodes_with_b_bit_experts(tmp_path, target):
     model = quantized("hf-llama")
-    report = moe_compile.export(model, None, tmp_path, task="text-generation")
-    assert report.quantized_matmuls == 2 * 4 * 3
+    report = moe_compile.export(model, None, tmp_path, task="text-generation", target=target, fallback=False)
+    assert report.quantized_matmuls == (2 * 4 * 3 if target == "portable" else 0)
     parity = moe_compile.check_generation(model, tmp_path, [[5, 5, 5, 9, 3, 3, 17], [7, 7, 1]], steps=8)
     assert parity.passed and parity.max_abs <= 1e-5 and parity.token_agreement == 1.0, parity.table()
 
 
-def test_ort_target_lowers_b_bit_layers_portably_with_the_reason(tmp_path):
-    model = quantized("hf-llama")
+@pytest.mark.parametrize("family, fields", [("hf-gpt2", SPLIT), ("hf-llama", SPLIT), ("hf-llama", UPCYCLE)])
+def test_ort_target_lowers_int4_layers_to_qmoe_equal_to_the_rounded_eager_model(tmp_path, family, fields):
+    model = quantized(family, **fields)
+    ids = token_ids((3, 11), seed=1)
+    report = moe_compile.export(model, token_ids((2, 8)), tmp_path / "model.onnx", target="ort", fallback=False)
+    assert {layer.lowering for layer in report.layers} == {"com.microsoft.QMoE"} and report.quantized_matmuls == 0
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    nodes = [node for node in graph.node if node.op_type == "QMoE"]
+    assert len(nodes) == len(report.layers)
+    weights = {init.name: init for init in graph.initializer}
+    fc1 = weights[nodes[0].input[2]]
+    assert fc1.data_type == onnx.TensorProto.UINT8 and fc1.dims[-1] == model.config.hidden_size // 2
+    parity = moe_compile.check_parity(model, tmp_path / "model.onnx", ids)
+    assert parity.passed and parity.outputs[0].max_abs <= 1e-5 and parity.routing.share == 1.0, parity.table()
+
+
+def test_int8_layers_stay_portable_in_the_ort_target_and_tensorrt_refuses_b_bit_layers(tmp_path):
+    model = quantized("hf-llama", bits=8)
     report = moe_compile.export(model, token_ids((2, 8)), tmp_path / "model.onnx", target="ort")
     assert {layer.lowering for layer in report.layers} == {"portable"}
-    assert all("int4 weights" in layer.reason for layer in report.layers) and report.quantized_matmuls == 24
-    with pytest.raises(LoweringError, match="int4 weights, which com.microsoft.MoE does not take"):
+    assert all("int8-quantised activations" in layer.reason for layer in report.layers)
+    assert report.quantized_matmuls == 24
+    with pytest.raises(LoweringError, match="int8 weights in blocks of 16; com.microsoft.QMoE's CPU kernel"):
         moe_compile.export(model, token_ids((2, 8)), tmp_path / "strict.onnx", target="ort", fallback=False)
+    with pytest.raises(LoweringError, match="int8 weights, which moe_ffn does not take"):
+        moe_compile.export(model, token_ids((2, 8)), tmp_path / "trt.onnx", target="tensorrt", fallback=False)
 
 
 def test_weights_changed_after_rounding_are_refused(tmp_path):
