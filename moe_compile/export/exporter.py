@@ -125,8 +125,7 @@ def _export_decoder(model: nn.Module, directory: Path, *, target: str, dtype: Op
     _, layer_inputs = _record_layer_inputs(work, lambda: call(*args))
     report = _lower_and_save(call, args, layer_inputs, directory / decoder.MODEL_FILE, target=target, dynamic=True,
                              dynamic_shapes=dynamic_shapes, dtype=dtype, fallback=fallback, opset=opset,
-                             input_names=layout.input_names(), output_names=layout.output_names(),
-                             causal_attention=False)  # queries see the past: no square causal mask
+                             input_names=layout.input_names(), output_names=layout.output_names())
     report.task = "text-generation"
     report.files = decoder.write_client_files(model, layout, directory, dtype or torch.float32)
     return report
@@ -149,10 +148,9 @@ def _record_layer_inputs(work: nn.Module, run):
 
 def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, target: str, dynamic: bool,
                     dynamic_shapes, dtype: Optional[torch.dtype], fallback: bool, opset: Optional[int],
-                    input_names: list[str], output_names: list[str],
-                    causal_attention: Optional[bool] = None) -> ExportReport:
+                    input_names: list[str], output_names: list[str]) -> ExportReport:
     """Lower every MoE layer of `call` (a module over the deep copy) for `target`, export call(*args), save; for
-    target "ort", fuse attention (causal_attention: see fusion.fuse_attention's `causal`)."""
+    target "ort", fuse attention (fusion.fuse_attention, its masks probed)."""
     rounded = weight_only.expert_matrices(list(iter_moe_layers(call)))
     if rounded:
         opset = _weight_only_opset(opset, dtype)
@@ -181,7 +179,7 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
     rounded = {key: matrix for key, matrix in rounded.items() if matrix.layer in portable}  # the rest: QMoE nodes
     quantized = weight_only.lower_quantized_experts(program.model, rounded) if rounded else 0
     program.save(os.fspath(path))
-    fused = _fuse_attention(path, causal_attention) if target == "ort" else 0
+    fused = _fuse_attention(path) if target == "ort" else 0
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
                         opset=_opset_of(program), attention_fused=fused, quantized_matmuls=quantized)
 
@@ -224,10 +222,10 @@ def _weight_only_opset(opset: Optional[int], dtype: Optional[torch.dtype]) -> in
     return weight_only.OPSET
 
 
-def _fuse_attention(path, causal: Optional[bool]) -> int:
+def _fuse_attention(path) -> int:
     """Rewrite the saved file's attention subgraphs into ONNX Runtime's fused attention ops (fusion.py); returns
     how many were fused."""
-    model, fused = fuse_attention(onnx.load(os.fspath(path)), causal=causal)
+    model, fused = fuse_attention(onnx.load(os.fspath(path)))
     if fused:
         weights = sum(len(t.raw_data) for t in model.graph.initializer)
         external = weights > 1_900_000_000  # a protobuf holds at most 2 GB

@@ -159,3 +159,37 @@ def test_no_attention_left_alone():
     model = helper.make_model(graph)
     out, count = fuse_attention(model)
     assert count == 0 and out is model
+
+
+@pytest.mark.parametrize("lookahead, causal", [(0, True), (1, False)])
+def test_a_decoder_mask_is_probed_causal_over_past_and_new_keys(lookahead, causal):
+    """Key j of new query i (keys: the past p, then the s new) is masked when j > p + i + lookahead: causal only
+    without lookahead, at every probe shape, the past of size 0 included."""
+    from onnx import TensorProto, helper
+
+    from moe_compile.export.fusion import _causal_masks
+
+    int64 = lambda name, value: helper.make_tensor(name, TensorProto.INT64, [], [value])  # noqa: E731
+    nodes = [helper.make_node("Shape", ["input_ids"], ["s"], start=1, end=2),
+             helper.make_node("Shape", ["past"], ["p"], start=2, end=3),
+             helper.make_node("Add", ["p", "s"], ["t"]),
+             helper.make_node("Squeeze", ["t"], ["t0"]), helper.make_node("Squeeze", ["p"], ["p0"]),
+             helper.make_node("Range", ["zero", "t0", "one"], ["keys"]),
+             helper.make_node("Range", ["p0", "t0", "one"], ["queries"]),
+             helper.make_node("Add", ["queries", "lookahead"], ["last"]),
+             helper.make_node("Unsqueeze", ["last", "axis"], ["column"]),
+             helper.make_node("Greater", ["keys", "column"], ["after"]),
+             helper.make_node("Where", ["after", "min", "zero_f"], ["mask2d"]),
+             helper.make_node("Unsqueeze", ["mask2d", "axes01"], ["mask"])]
+    graph = helper.make_graph(
+        nodes, "decoder_mask",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 2, "past_sequence", 4])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, None)],
+        [int64("zero", 0), int64("one", 1), int64("lookahead", lookahead),
+         helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("axes01", TensorProto.INT64, [2], [0, 1]),
+         helper.make_tensor("min", TensorProto.FLOAT, [], [np.finfo(np.float32).min]),
+         helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert _causal_masks(model, ["mask"]) == ({"mask"} if causal else set())

@@ -118,13 +118,18 @@ def test_decoder_layout_is_optimum_s(exported_decoder):
     assert genai["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
 
 
-def test_ort_target_generates(exported_decoder):
-    model, directory, report = exported_decoder("llama", "upcycle", "ort")
-    assert {layer.lowering for layer in report.layers} == {"com.microsoft.MoE"}
-    ops = [node.op_type for node in onnx.load(str(directory / "model.onnx")).graph.node]
-    assert report.attention_fused == 2 and ops.count("MultiHeadAttention") == 2  # attention over past + new keys
-    parity = moe_compile.check_generation(model, directory, PROMPTS, steps=8)
-    assert parity.passed, parity.table()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ort_target_generates_with_grouped_query_attention_over_the_cache(exported_decoder, family):
+    model, directory, report = exported_decoder(family, "upcycle", "ort")  # Gemma's gated GELU experts: portable
+    graph = onnx.load(str(directory / "model.onnx")).graph
+    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    assert report.attention_fused == 2 and len(attention) == 2
+    outputs = {v.name for v in graph.output}
+    for i, node in enumerate(attention):  # reads the past in place and writes the present itself
+        assert node.input[3:5] == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        assert set(node.output[1:]) == {f"present.{i}.key", f"present.{i}.value"} <= outputs
+    parity = moe_compile.check_generation(model, directory, PROMPTS, steps=8)  # left padding: the mask as bias
+    assert parity.passed and parity.token_agreement == 1.0, parity.table()
 
 
 def test_tokens_do_not_depend_on_batch_mates(exported_decoder):
