@@ -17,8 +17,8 @@ side by side.
 "split 8/2 int4": the split model after quantize_experts(bits=4, block_size=32), its experts run by ONNX Runtime
 as MatMulNBits in float32 (accuracy level 0, as parity needs); in eager it is the float32 split model's speed, so
 it is timed in ONNX Runtime only. "(ort)": the same model exported with target="ort" (int4 experts as
-com.microsoft.QMoE nodes; attention fused into MultiHeadAttention), compared with the dense model exported the same
-way.
+com.microsoft.MoE nodes, int4 experts as com.microsoft.QMoE; attention fused into GroupQueryAttention over the
+cache), compared with the dense model exported the same way.
 
 Prefill's Amdahl bound for split 8/2: 1 - s + 0.25 s, with s the FFNs' share of the dense prefill time, measured
 on the same export with every FFN replaced by zeros.
@@ -59,7 +59,8 @@ class Sizes:
 
 FULL = Sizes(12, 768, 12, 4, 2048, 50257, 32000, (1, 8), (128, 512), 128, rounds=3)
 TINY = Sizes(2, 64, 4, 2, 128, 256, 256, (2,), (8,), 4, rounds=1, int4_block=16)
-VARIANTS = ("dense", "split 8/2", "split 8/2 int4", "upcycle 8/2", "no FFN", "dense (ort)", "split 8/2 int4 (ort)")
+VARIANTS = ("dense", "split 8/2", "split 8/2 int4", "upcycle 8/2", "no FFN", "dense (ort)", "split 8/2 (ort)",
+            "split 8/2 int4 (ort)")
 ORT = " (ort)"  # a variant exported with target="ort" (int4 experts as com.microsoft.QMoE), compared with dense (ort)
 EAGER = ("dense", "split 8/2", "upcycle 8/2")  # eager runs int4 experts as their float32 dequantised weights
 
@@ -195,9 +196,10 @@ def run_family(family: str, sizes: Sizes, workdir: Path) -> dict:
 
 def markdown(results: dict) -> str:
     lines = ["| model | batch | prompt | runtime | dense TTFT / per token | split 8/2 TTFT / per token | "
-             "split 8/2 int4 experts | split 8/2 int4, ort target (QMoE) / dense ort | upcycle 8/2 TTFT / per token | "
-             "split prefill Amdahl bound | KV cache (ours) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "split 8/2 int4 experts | ort target: dense TTFT / per token | split 8/2 (MoE op) / dense ort | "
+             "split 8/2 int4 (QMoE) / dense ort | upcycle 8/2 TTFT / per token | split prefill Amdahl bound | "
+             "KV cache (ours) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for family in results["families"]:
         for row in family["rows"]:
             if row["variant"] != "dense":
@@ -205,14 +207,18 @@ def markdown(results: dict) -> str:
             key = (row["batch"], row["prompt"], row["runtime"])
             by = {r["variant"]: r for r in family["rows"] if (r["batch"], r["prompt"], r["runtime"]) == key}
             split, upcycle = by["split 8/2"], by["upcycle 8/2"]
-            int4_cell, qmoe_cell = ("-" if r is None else f"{r['ttft_ratio']:.2f}x / {r['per_token_ratio']:.2f}x"
-                                    for r in (by.get("split 8/2 int4"), by.get("split 8/2 int4" + ORT)))
+            int4_cell, moe_cell, qmoe_cell = (
+                "-" if r is None else f"{r['ttft_ratio']:.2f}x / {r['per_token_ratio']:.2f}x"
+                for r in (by.get("split 8/2 int4"), by.get("split 8/2" + ORT), by.get("split 8/2 int4" + ORT)))
+            dense_ort = by.get("dense" + ORT)
+            dense_ort_cell = "-" if dense_ort is None else f"{dense_ort['ttft_ms']} ms / {dense_ort['per_token_ms']} ms"
             bound = split.get("prefill_amdahl_bound")
             cache = "-" if row["kv_cache_mib"] is None else f"{row['kv_cache_mib']} MiB"
             lines.append(
                 f"| {family['family']} | {row['batch']} | {row['prompt']} | {row['runtime']} | "
                 f"{row['ttft_ms']} ms / {row['per_token_ms']} ms | {split['ttft_ratio']:.2f}x / "
-                f"{split['per_token_ratio']:.2f}x | {int4_cell} | {qmoe_cell} | {upcycle['ttft_ratio']:.2f}x / "
+                f"{split['per_token_ratio']:.2f}x | {int4_cell} | {dense_ort_cell} | {moe_cell} | {qmoe_cell} | "
+                f"{upcycle['ttft_ratio']:.2f}x / "
                 f"{upcycle['per_token_ratio']:.2f}x | "
                 f"{'-' if bound is None else f'{bound:.2f}x'} | {cache} |")
     return "\n".join(lines) + "\n"
@@ -229,6 +235,7 @@ def plot(results: dict, path: Path) -> None:
         settings = sorted({(r["batch"], r["prompt"]) for r in family["rows"]})
         labels = [f"b{b} p{p}" for b, p in settings]
         for name, runtime, style in (("split 8/2", "onnxruntime", "-o"), ("split 8/2 int4", "onnxruntime", "-^"),
+                                     ("split 8/2" + ORT, "onnxruntime", "-D"),
                                      ("split 8/2 int4" + ORT, "onnxruntime", "-v"),
                                      ("upcycle 8/2", "onnxruntime", "-s"),
                                      ("split 8/2", "eager", ":o"), ("upcycle 8/2", "eager", ":s")):
