@@ -227,10 +227,11 @@ def test_tracing_exporters_get_an_error_naming_torch_export(tracer, tmp_path):
 GENAI_FAMILIES = ["llama", "qwen2", "gemma3", "phi"]  # model types onnxruntime-genai knows (not GPT-2, OPT)
 
 
+@pytest.mark.parametrize("target", ["portable", "ort"])
 @pytest.mark.parametrize("family", GENAI_FAMILIES)
-def test_onnxruntime_genai_loads_the_directory_and_generates_the_same_tokens(exported_decoder, family):
+def test_onnxruntime_genai_loads_the_directory_and_generates_the_same_tokens(exported_decoder, family, target):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra: genai)")
-    _, directory, _ = exported_decoder(family, "split")
+    _, directory, _ = exported_decoder(family, "split", target)
     prompt = PROMPTS[0]
     params = og.GeneratorParams(og_model := og.Model(str(directory)))
     params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
