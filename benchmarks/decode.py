@@ -16,7 +16,7 @@ side by side.
 
 "split 8/2 int4": the split model after quantize_experts(bits=4, block_size=32), its experts run by ONNX Runtime
 as MatMulNBits in float32 (accuracy level 0, as parity needs); in eager it is the float32 split model's speed, so
-it is timed in ONNX Runtime only. "(ort)": the same model exported with target="ort" (int4 experts as
+it is timed in ONNX Runtime only. "(ort)": the same model exported with target="ort" (float32 experts as
 com.microsoft.MoE nodes, int4 experts as com.microsoft.QMoE; attention fused into GroupQueryAttention over the
 cache), compared with the dense model exported the same way.
 
@@ -61,7 +61,7 @@ FULL = Sizes(12, 768, 12, 4, 2048, 50257, 32000, (1, 8), (128, 512), 128, rounds
 TINY = Sizes(2, 64, 4, 2, 128, 256, 256, (2,), (8,), 4, rounds=1, int4_block=16)
 VARIANTS = ("dense", "split 8/2", "split 8/2 int4", "upcycle 8/2", "no FFN", "dense (ort)", "split 8/2 (ort)",
             "split 8/2 int4 (ort)")
-ORT = " (ort)"  # a variant exported with target="ort" (int4 experts as com.microsoft.QMoE), compared with dense (ort)
+ORT = " (ort)"  # a variant exported with target="ort", compared with dense (ort)
 EAGER = ("dense", "split 8/2", "upcycle 8/2")  # eager runs int4 experts as their float32 dequantised weights
 
 
