@@ -13,6 +13,13 @@ block with use_cache=True and returns (logits, that list with the new tokens app
 A model that takes no attention mask cannot left-pad a batch: the generation runner refuses prompts of unequal
 lengths for it.
 
+A shared cache buffer (`share_cache_buffers`, target "ort"): where every layer's attention over the cache is one
+GroupQueryAttention, the past inputs may also be buffers longer than p, each bound as its layer's present output
+too: the op then writes the new tokens' keys and values into the buffer at p .. p + s - 1 in place, instead of
+copying the whole past into a new present at every step. The graph reads p as attention_mask's length minus s
+(every Shape of a past input is rewritten so), which is the past's own length when the past is exact, so one graph
+serves both ways (optimum and onnxruntime-genai pass exact pasts; our runner preallocates prompt + max_new_tokens).
+
 Only a routing that computes each token from that token alone generates: a capacity counts the tokens of the
 call (a prompt and one decoded token see different capacities), and expert choice compares the tokens of a
 sequence, so prefill and cached decode would route differently; such layers are refused (`generation_refusal`).
@@ -26,12 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import onnx
 import torch
 import torch.nn as nn
+from onnx import helper
 
 from ..errors import MoECompileError, first_line
 from ..moe import MoELayer, iter_moe_layers
 from ..source_files import copy_source_files, source_dir
+from .fusion import FUSED_DOMAIN, GQA_OP
 from .ort_moe import may_drop
 
 MODEL_FILE = "model.onnx"
@@ -169,7 +179,51 @@ def example_call(layout: CacheLayout, batch: int = 2, new: int = 3, past: int = 
     return (ids, *rest), ({0: b, 1: s}, tuple(rest_shapes))  # shapes follow forward's signature
 
 
-def write_client_files(model: nn.Module, layout: CacheLayout, directory: Path, dtype: torch.dtype) -> list[str]:
+def share_cache_buffers(model: onnx.ModelProto, layout: CacheLayout) -> bool:
+    """Rewrite `model` in place so that its past inputs may be buffers shared with the present outputs (module
+    docstring); False, and `model` unchanged, where it cannot: the model takes no attention mask (p is known only
+    from the past's shape), or some past input feeds anything but its layer's GroupQueryAttention (whose present
+    output is that layer's present) and Shape nodes."""
+    if not layout.attention_mask:
+        return False
+    graph, shapes = model.graph, []
+    producers = {output: node for node in graph.node for output in node.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            users.setdefault(name, []).append(node)
+    for past, present in zip(layout.input_names()[-2 * layout.num_layers:], layout.output_names()[1:]):
+        attention = producers.get(present)
+        slot = 1 if past.endswith(".key") else 2  # GroupQueryAttention: inputs 3, 4 are the past; outputs 1, 2
+        if (attention is None or attention.op_type != GQA_OP or attention.domain != FUSED_DOMAIN
+                or list(attention.output).index(present) != slot or attention.input[2 + slot] != past):
+            return False
+        shapes += [node for node in users.get(past, []) if node is not attention]
+        if any(node.op_type != "Shape" for node in shapes):
+            return False
+    past_length = "moe_compile.past_sequence_length"
+    nodes = [helper.make_node("Shape", ["attention_mask"], [past_length + ".total"], start=1, end=2),
+             helper.make_node("Shape", ["input_ids"], [past_length + ".new"], start=1, end=2),
+             helper.make_node("Sub", [past_length + ".total", past_length + ".new"], [past_length])]
+    for node in shapes:  # Shape(past, start, end) -> the same dims with p for axis 2
+        attributes = {a.name: a.i for a in node.attribute}
+        start, end = (min(max(i + 4 if i < 0 else i, 0), 4) for i in (attributes.get("start", 0),
+                                                                       attributes.get("end", 4)))
+        dims = []
+        for axis in range(start, end):
+            if axis == 2:
+                dims.append(past_length)
+                continue
+            dims.append(f"{node.output[0]}.axis{axis}")
+            nodes.append(helper.make_node("Shape", [node.input[0]], [dims[-1]], start=axis, end=axis + 1))
+        node.CopyFrom(helper.make_node("Concat", dims, list(node.output), name=node.name, axis=0))
+    for node in reversed(nodes):  # first: they read graph inputs only
+        graph.node.insert(0, node)
+    return True
+
+
+def write_client_files(model: nn.Module, layout: CacheLayout, directory: Path, dtype: torch.dtype,
+                       shared_cache: bool = False) -> list[str]:
     """config.json, the source's tokenizer and generation files, genai_config.json (for model types that
     onnxruntime-genai knows) and our own metadata beside model.onnx; returns the files written. A model without a
     transformers config (a hand-written GPT) gets the metadata alone: the other clients need that config."""
@@ -190,18 +244,20 @@ def write_client_files(model: nn.Module, layout: CacheLayout, directory: Path, d
                 "num_layers": layout.num_layers, "kv_heads": layout.heads, "head_dim": layout.head_dim,
                 "attention_mask": layout.attention_mask, "position_ids": layout.position_ids,
                 "dtype": str(dtype).removeprefix("torch."), "vocab_size": layout.vocab_size, "eos_token_id": eos,
-                "pad_token_id": pad, "inputs": layout.input_names(), "outputs": layout.output_names()}
+                "pad_token_id": pad, "inputs": layout.input_names(), "outputs": layout.output_names(),
+                "shared_cache": shared_cache}
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(METADATA_FILE)
     genai_type = GENAI_MODEL_TYPES.get(model_type) if layout.attention_mask else None
     if genai_type is not None:
         (directory / "genai_config.json").write_text(json.dumps(
-            _genai_config(config, layout, genai_type, eos, pad), indent=2) + "\n")
+            _genai_config(config, layout, genai_type, eos, pad, shared_cache), indent=2) + "\n")
         written.append("genai_config.json")
     return written
 
 
-def _genai_config(config, layout: CacheLayout, model_type: str, eos: list[int], pad: Optional[int]) -> dict:
+def _genai_config(config, layout: CacheLayout, model_type: str, eos: list[int], pad: Optional[int],
+                  shared_cache: bool) -> dict:
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     if layout.position_ids:
@@ -216,7 +272,7 @@ def _genai_config(config, layout: CacheLayout, model_type: str, eos: list[int], 
                     "inputs": inputs, "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                                                   "present_value_names": "present.%d.value"}}},
         "search": {"max_length": getattr(config, "max_position_embeddings", 2048), "do_sample": False,
-                   "num_beams": 1, "past_present_share_buffer": False}}
+                   "num_beams": 1, "past_present_share_buffer": shared_cache}}
 
 
 def _token_list(value) -> list[int]:

@@ -125,9 +125,11 @@ def _export_decoder(model: nn.Module, directory: Path, *, target: str, dtype: Op
     _, layer_inputs = _record_layer_inputs(work, lambda: call(*args))
     report = _lower_and_save(call, args, layer_inputs, directory / decoder.MODEL_FILE, target=target, dynamic=True,
                              dynamic_shapes=dynamic_shapes, dtype=dtype, fallback=fallback, opset=opset,
-                             input_names=layout.input_names(), output_names=layout.output_names())
+                             input_names=layout.input_names(), output_names=layout.output_names(),
+                             cache_layout=layout)
     report.task = "text-generation"
-    report.files = decoder.write_client_files(model, layout, directory, dtype or torch.float32)
+    report.files = decoder.write_client_files(model, layout, directory, dtype or torch.float32,
+                                              shared_cache=report.shared_cache)
     return report
 
 
@@ -148,9 +150,11 @@ def _record_layer_inputs(work: nn.Module, run):
 
 def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, target: str, dynamic: bool,
                     dynamic_shapes, dtype: Optional[torch.dtype], fallback: bool, opset: Optional[int],
-                    input_names: list[str], output_names: list[str]) -> ExportReport:
+                    input_names: list[str], output_names: list[str],
+                    cache_layout: Optional[decoder.CacheLayout] = None) -> ExportReport:
     """Lower every MoE layer of `call` (a module over the deep copy) for `target`, export call(*args), save; for
-    target "ort", fuse attention (fusion.fuse_attention, its masks probed)."""
+    target "ort", fuse attention (fusion.fuse_attention, its masks probed) and, in a decoder with that
+    `cache_layout`, let its cache buffers be shared (decoder.share_cache_buffers)."""
     rounded = weight_only.expert_matrices(list(iter_moe_layers(call)))
     if rounded:
         opset = _weight_only_opset(opset, dtype)
@@ -179,9 +183,10 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
     rounded = {key: matrix for key, matrix in rounded.items() if matrix.layer in portable}  # the rest: QMoE nodes
     quantized = weight_only.lower_quantized_experts(program.model, rounded) if rounded else 0
     program.save(os.fspath(path))
-    fused = _fuse_attention(path) if target == "ort" else 0
+    fused, shared = _fuse_attention(path, cache_layout) if target == "ort" else (0, False)
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
-                        opset=_opset_of(program), attention_fused=fused, quantized_matmuls=quantized)
+                        opset=_opset_of(program), attention_fused=fused, quantized_matmuls=quantized,
+                        shared_cache=shared)
 
 
 def _export_failure(call: nn.Module, args: tuple, layer_names: list[str], dynamic_shapes,
@@ -222,16 +227,17 @@ def _weight_only_opset(opset: Optional[int], dtype: Optional[torch.dtype]) -> in
     return weight_only.OPSET
 
 
-def _fuse_attention(path) -> int:
-    """Rewrite the saved file's attention subgraphs into ONNX Runtime's fused attention ops (fusion.py); returns
-    how many were fused."""
+def _fuse_attention(path, cache_layout: Optional[decoder.CacheLayout]) -> tuple[int, bool]:
+    """Rewrite the saved file's attention subgraphs into ONNX Runtime's fused attention ops (fusion.py), and a
+    decoder's cache for shared buffers where it can; returns (how many were fused, whether the cache is shared)."""
     model, fused = fuse_attention(onnx.load(os.fspath(path)))
+    shared = bool(fused) and cache_layout is not None and decoder.share_cache_buffers(model, cache_layout)
     if fused:
         weights = sum(len(t.raw_data) for t in model.graph.initializer)
         external = weights > 1_900_000_000  # a protobuf holds at most 2 GB
         onnx.save(model, os.fspath(path), save_as_external_data=external,
                   location=os.path.basename(os.fspath(path)) + ".data" if external else None)
-    return fused
+    return fused, shared
 
 
 def _check_example(model: nn.Module, inputs: ModelInputs) -> None:

@@ -6,7 +6,10 @@ logits l:
     sampled    draw from softmax(l / temperature), restricted to the top_k most likely tokens (0: all) and then to
                the smallest set of most likely tokens whose probability reaches top_p, with a seeded generator
 The prompt is one prefill call (past length 0); each later call feeds one token per sequence. The cache never leaves
-ONNX Runtime: the present outputs of a step are bound as the past inputs of the next (IO binding), not copied.
+ONNX Runtime (IO binding). A decoder exported with shared cache buffers (`decoder.share_cache_buffers`: the `ort`
+target) gets one buffer per layer's keys and values, allocated once for the longest prompt + max_new_tokens and
+bound as both the past input and the present output, so each step writes only its new keys and values, in place;
+otherwise the present outputs of a step are bound as the past inputs of the next (each step copies the past).
 
 Batches are left-padded: attention_mask is 0 on the pads and position_ids = max(cumsum(mask) - 1, 0), as
 transformers computes them, so a sequence's tokens do not depend on its batch-mates or on its padding. A decoder
@@ -41,7 +44,7 @@ class GenerationResult:
     prompt_lengths: list[int]
     time_to_first_token_s: float  # the prefill call, prompt to the first new token
     step_times_s: list[float] = field(default_factory=list)  # every later decode step
-    kv_cache_bytes: int = 0  # the cache after the last step
+    kv_cache_bytes: int = 0  # the cache after the last step (where shared: its preallocated buffers)
     text: Optional[list[str]] = None  # decoded, when the prompts were text
 
     @property
@@ -94,6 +97,7 @@ class Generator:
         self.takes_mask = self.metadata.get("attention_mask", True)
         self.past_names = self.metadata["inputs"][1 + self.takes_mask + self.metadata["position_ids"]:]
         self.present_names = self.metadata["outputs"][1:]
+        self.shared_cache = self.metadata.get("shared_cache", False)
         tokenizer_path = self.directory / "tokenizer.json"
         self.tokenizer = None
         if tokenizer_path.is_file():
@@ -156,7 +160,7 @@ class Generator:
         for row, prompt in enumerate(ids):  # left padding
             tokens[row, longest - len(prompt):] = prompt
             mask[row, longest - len(prompt):] = 1
-        cache = self._empty_cache(batch)
+        cache = self._empty_cache(batch, longest + max_new_tokens)
         new = [[] for _ in range(batch)]
         finished = np.zeros(batch, dtype=bool)
         step_times, first = [], 0.0
@@ -185,10 +189,12 @@ class Generator:
             result.text = [self.tokenizer.decode(seq) for seq in new]
         return result
 
-    def _empty_cache(self, batch: int) -> list:
-        """The past of a prefill: past length 0 for every layer's keys and values."""
-        empty = np.zeros((batch, self.metadata["kv_heads"], 0, self.metadata["head_dim"]), dtype=self.dtype)
-        return [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+    def _empty_cache(self, batch: int, capacity: int) -> list:
+        """The past of a prefill for every layer's keys and values: buffers for `capacity` positions where the cache
+        is shared, else past length 0."""
+        length = capacity if self.shared_cache else 0
+        shape = (batch, self.metadata["kv_heads"], length, self.metadata["head_dim"])
+        return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype)) for _ in self.past_names]
 
     def _step(self, tokens: np.ndarray, mask: np.ndarray, cache: list) -> tuple[np.ndarray, list, list]:
         """One decoder call on `tokens` [b, s] (the last s positions of `mask`) -> (logits, present cache, routing
@@ -203,19 +209,25 @@ class Generator:
         for name, value in zip(self.past_names, cache):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits")
-        for name in [*self.present_names, *self.selections]:
+        for name, value in zip(self.present_names, cache):
+            if self.shared_cache:  # written in place
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name)
+        for name in self.selections:
             binding.bind_output(name)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         cached = len(self.present_names) + 1
-        return outputs[0].numpy(), list(outputs[1:cached]), [value.numpy() for value in outputs[cached:]]
+        present = cache if self.shared_cache else list(outputs[1:cached])
+        return outputs[0].numpy(), present, [value.numpy() for value in outputs[cached:]]
 
     def teacher_forced(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[np.ndarray, list[list]]:
         """Logits [len(continuation) + 1, vocab] of one sequence: the prefill's last position, then one decode step
         per token of `continuation` (the logits after feeding it); and each call's routing selections."""
         tokens = np.asarray([list(prompt)], dtype=np.int64)
         mask = np.ones_like(tokens)
-        logits, cache, selections = self._step(tokens, mask, self._empty_cache(1))
+        logits, cache, selections = self._step(tokens, mask, self._empty_cache(1, len(prompt) + len(continuation)))
         rows, routed = [logits[0, -1]], [selections]
         for token in continuation:
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)

@@ -29,11 +29,13 @@ class ExportReport:
     files: list[str] = field(default_factory=list)  # text-generation: the files written beside it
     attention_fused: int = 0  # target ort: attention subgraphs rewritten into ONNX Runtime's fused ops
     quantized_matmuls: int = 0  # expert matmuls written as b-bit weights (moe_compile.quantize_experts)
+    shared_cache: bool = False  # text-generation: past and present may share one buffer (decoder.share_cache_buffers)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "task": self.task, "target": self.target, "dtype": self.dtype,
                 "opset": self.opset, "files": self.files,
                 "attention_fused": self.attention_fused, "quantized_matmuls": self.quantized_matmuls,
+                "shared_cache": self.shared_cache,
                 "layers": [asdict(layer) for layer in self.layers]}
 
     def table(self) -> str:
@@ -41,6 +43,8 @@ class ExportReport:
         head = f"ONNX export: {self.path}  ({task}target={self.target}, dtype={self.dtype}, opset={self.opset})"
         if self.attention_fused:
             head += f"\nattention: {self.attention_fused} layers fused into ONNX Runtime attention ops"
+        if self.shared_cache:
+            head += "\nKV cache: past and present may share one preallocated buffer per layer (written in place)"
         if self.quantized_matmuls:
             head += (f"\nexperts: {self.quantized_matmuls} matmuls as b-bit weights (DequantizeLinear + MatMul; "
                      "ONNX Runtime: MatMulNBits)")

@@ -4,6 +4,7 @@ sampling and stop tokens; the routings refused for generation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -15,6 +16,7 @@ import torch
 import moe_compile
 from moe_compile import MoECompileError, MoEConfig
 from moe_compile.export import Generator
+from moe_compile.export.decoder import cache_layout, share_cache_buffers
 
 from ..conftest import VOCAB, make_dense_model
 
@@ -90,10 +92,13 @@ def test_decoder_matches_eager_at_every_step(exported_decoder, family, conversio
         assert parity.routing.share == 1.0, parity.table()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
-def test_batched_left_padded_generation_equals_transformers_generate(exported_decoder, family):
-    """Our runner on a batch of prompts of two lengths; transformers' generate on each prompt alone."""
-    model, directory, _ = exported_decoder(family, "split")
+@pytest.mark.parametrize("family, target", [("gpt2", "portable"), ("gemma3", "portable"), ("gpt2", "ort"),
+                                            ("gemma3", "ort")])
+def test_batched_left_padded_generation_equals_transformers_generate(exported_decoder, family, target):
+    """Our runner on a batch of prompts of two lengths; transformers' generate on each prompt alone. On the ort
+    target the cache is one shared buffer per layer, written in place."""
+    model, directory, report = exported_decoder(family, "split", target)
+    assert report.shared_cache == (target == "ort")
     result = moe_compile.generate(directory, PROMPTS, max_new_tokens=20, stop_tokens=[])
     for prompt, tokens in zip(PROMPTS, result.tokens):
         with torch.no_grad():
@@ -130,6 +135,31 @@ def test_ort_target_generates_with_grouped_query_attention_over_the_cache(export
         assert set(node.output[1:]) == {f"present.{i}.key", f"present.{i}.value"} <= outputs
     parity = moe_compile.check_generation(model, directory, PROMPTS, steps=8)  # left padding: the mask as bias
     assert parity.passed and parity.token_agreement == 1.0, parity.table()
+    assert report.shared_cache and json.loads((directory / "moe_generation.json").read_text())["shared_cache"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_shared_cache_graph_also_takes_an_exact_past(exported_decoder, family):
+    """The past length comes from the attention mask, so the graph our runner feeds with preallocated buffers
+    generates the same tokens when fed exact pasts and fresh presents, as optimum and onnxruntime-genai do."""
+    _, directory, _ = exported_decoder(family, "split", "ort")
+    generator = Generator(directory)
+    shared = generator.generate(PROMPTS, max_new_tokens=12, stop_tokens=[])
+    assert shared.kv_cache_bytes == 2 * 2 * len(PROMPTS) * 2 * (11 + 12) * 16 * 4  # layers, k/v, b, heads, len, dim
+    generator.shared_cache = False
+    exact = generator.generate(PROMPTS, max_new_tokens=12, stop_tokens=[])
+    assert exact.tokens == shared.tokens and exact.kv_cache_bytes < shared.kv_cache_bytes
+
+
+def test_cache_buffers_are_shared_only_where_every_past_feeds_its_attention_op(exported_decoder):
+    model, directory, _ = exported_decoder("llama", "split")  # portable: each past feeds a Concat
+    layout = cache_layout(model)
+    graph = onnx.load(str(directory / "model.onnx"))
+    before = graph.SerializeToString()
+    assert not share_cache_buffers(graph, layout) and graph.SerializeToString() == before
+    _, directory, _ = exported_decoder("llama", "split", "ort")
+    graph = onnx.load(str(directory / "model.onnx"))  # shared: but p can come only from an attention mask
+    assert not share_cache_buffers(graph, dataclasses.replace(layout, attention_mask=False))
 
 
 def test_tokens_do_not_depend_on_batch_mates(exported_decoder):
@@ -232,6 +262,8 @@ GENAI_FAMILIES = ["llama", "qwen2", "gemma3", "phi"]  # model types onnxruntime-
 def test_onnxruntime_genai_loads_the_directory_and_generates_the_same_tokens(exported_decoder, family, target):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra: genai)")
     _, directory, _ = exported_decoder(family, "split", target)
+    search = json.loads((directory / "genai_config.json").read_text())["search"]
+    assert search["past_present_share_buffer"] == (target == "ort")  # genai then preallocates the cache too
     prompt = PROMPTS[0]
     params = og.GeneratorParams(og_model := og.Model(str(directory)))
     params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
