@@ -14,6 +14,7 @@
     moe-compile export MODEL_DIR --target {ort,portable,tensorrt} --out FILE.onnx [--dtype fp32|fp16|bf16]
                        [--batch B --seq S] [--engine FILE.engine --max-batch B --max-seq S]
     moe-compile export MODEL_DIR --task text-generation --target {ort,portable,tensorrt} --out DIR [--dtype ...]
+                       [--window-cache]
     moe-compile check MODEL_DIR FILE.onnx|FILE.engine|DIR [--json] [--dtype fp32|fp16|bf16] [--batch B --seq S]
                       [--steps N]
     moe-compile generate DIR (--prompt TEXT ... | --ids "ID ID ..." ...) [--max-new-tokens N] [--sample
@@ -217,6 +218,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="forward: one ONNX file of the model's forward; text-generation: a directory with a "
                              "decoder that takes and returns the KV cache, for moe-compile generate, optimum and "
                              "onnxruntime-genai (default forward)")
+    export.add_argument("--window-cache", action="store_true",
+                        help="text-generation: sliding-window layers (Gemma 2/3, Mistral-style) keep only their "
+                             "window in the cache; for moe-compile generate only (the clients size every layer's "
+                             "cache alike)")
     export.add_argument("--out", required=True, metavar="FILE.onnx|DIR")
     _add_run_flags(export, EXPORT_SHAPE, "precision of the ONNX graph (default: the model's; bf16 for tensorrt)")
     engine = export.add_argument_group("TensorRT engine (target tensorrt; needs TensorRT and a GPU)")
@@ -504,7 +509,8 @@ def _export(args: argparse.Namespace) -> int:
     model = _saved_model(args.model_dir)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     example = None if args.task == "text-generation" else _token_ids(model, args.batch, args.seq)
-    report = export(model, example, args.out, task=args.task, target=args.target, dtype=DTYPES.get(args.dtype))
+    report = export(model, example, args.out, task=args.task, target=args.target, dtype=DTYPES.get(args.dtype),
+                    window_cache=args.window_cache)
     print(report.table())
     if args.engine is not None:
         from .export.tensorrt import build_engine

@@ -7,18 +7,29 @@
 
 One graph serves prefill (s = prompt length, p = 0) and every decode step (s = 1, p = tokens so far): b, s, p and
 p + s are dynamic axes. Two kinds of model carry a cache: a transformers causal LM runs with a `DynamicCache` built
-from the past tensors (one full layer per decoder layer, so a sliding-window layer keeps all keys and its mask does
-the windowing) and returns the cache's tensors as `present`; a hand-written GPT takes a list of (keys, values) per
-block with use_cache=True and returns (logits, that list with the new tokens appended), as nanoGPT-style code does.
+from the past tensors and returns the cache's tensors as `present`; a hand-written GPT takes a list of (keys,
+values) per block with use_cache=True and returns (logits, that list with the new tokens appended), as
+nanoGPT-style code does.
+
+A sliding-window layer (window W: a query sees itself and the W - 1 keys before it) keeps all p keys by default,
+its mask doing the windowing, because the clients size every layer's cache alike. With a window cache
+(`export(..., window_cache=True)`) it keeps only what the next step can see:
+
+    past_key_values.{i}.key [b, h_kv, w, d]   w = min(p, W - 1), the keys of positions p - w .. p - 1
+    present.{i}.key = the last min(w + s, W - 1) positions of concat(past, new)
+
+and its mask places key j at position p - w + j (the cache layer of `_window_layer_class` reports that offset, p
+coming from attention_mask's length), so the cache of a Gemma 3 sliding layer stops growing at W - 1 positions.
 A model that takes no attention mask cannot left-pad a batch: the generation runner refuses prompts of unequal
 lengths for it.
 
-A shared cache buffer (`share_cache_buffers`, target "ort"): where every layer's attention over the cache is one
-GroupQueryAttention, the past inputs may also be buffers longer than p, each bound as its layer's present output
+Shared cache buffers (`share_cache_buffers`, target "ort"): where a layer's attention over the cache is one
+GroupQueryAttention, its past inputs may also be buffers longer than p, each bound as the layer's present output
 too: the op then writes the new tokens' keys and values into the buffer at p .. p + s - 1 in place, instead of
-copying the whole past into a new present at every step. The graph reads p as attention_mask's length minus s
-(every Shape of a past input is rewritten so), which is the past's own length when the past is exact, so one graph
-serves both ways (optimum and onnxruntime-genai pass exact pasts; our runner preallocates prompt + max_new_tokens).
+copying the whole past into a new present at every step (a windowed layer keeps separate buffers). The graph reads
+p as attention_mask's length minus s (every Shape of a past input is rewritten so), which is the past's own length
+when the past is exact, so one graph serves both ways (optimum and onnxruntime-genai pass exact pasts; our runner
+preallocates prompt + max_new_tokens).
 
 Only a routing that computes each token from that token alone generates: a capacity counts the tokens of the
 call (a prompt and one decoded token see different capacities), and expert choice compares the tokens of a
@@ -27,6 +38,7 @@ sequence, so prefill and cached decode would route differently; such layers are 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from dataclasses import dataclass
@@ -64,6 +76,12 @@ class CacheLayout:
     attention_mask: bool = True  # whether the model takes an attention mask
     tuples: bool = False  # the cache is a list of (keys, values) per block, not a transformers Cache
     vocab_size: int = 0
+    sliding: tuple[bool, ...] = ()  # per layer: a sliding-window attention layer
+    sliding_window: int = 0  # W of the sliding layers
+    window_cache: bool = False  # the sliding layers keep only their last W - 1 keys and values (module docstring)
+
+    def windowed(self, layer: int) -> bool:
+        return self.window_cache and self.sliding[layer]
 
     def input_names(self) -> list[str]:
         fixed = ["input_ids"] + ["attention_mask"] * self.attention_mask + ["position_ids"] * self.position_ids
@@ -91,9 +109,42 @@ class DecoderWithPast(nn.Module):
             return (logits, *[t for pair in present for t in pair])
         from transformers import DynamicCache
 
-        out = self.model(input_ids=input_ids, use_cache=True, **named,
-                         **{layout.cache_argument: DynamicCache(pairs)})
-        return (out.logits, *[t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)])
+        cache = DynamicCache(pairs)
+        seen = named["attention_mask"].shape[1] - input_ids.shape[1] if layout.window_cache else 0
+        for i, (keys, values) in enumerate(pairs):
+            if layout.windowed(i):
+                cache.layers[i] = _window_layer_class()(seen)
+                cache.layers[i].update(keys, values)
+        out = self.model(input_ids=input_ids, use_cache=True, **named, **{layout.cache_argument: cache})
+        keep = layout.sliding_window - 1
+        layers = returned_cache(out).layers
+        return (out.logits, *[t[:, :, -keep:] if layout.windowed(i) else t
+                              for i, layer in enumerate(layers) for t in (layer.keys, layer.values)])
+
+
+@functools.cache
+def _window_layer_class():  # transformers is imported only where a model needs it
+    from transformers.cache_utils import DynamicLayer
+
+    class WindowLayer(DynamicLayer):
+        """A sliding layer's cache holding the keys of the last w positions before the call, of `seen` in all:
+        its keys sit at positions seen - w ..., which the mask reads as the offset (transformers' own sliding layer
+        decides by comparing lengths, which torch.export would fix to the example's case)."""
+
+        is_sliding = True
+
+        def __init__(self, seen):
+            super().__init__()
+            self.seen = seen
+
+        def get_seq_length(self):
+            return self.seen
+
+        def get_mask_sizes(self, query_length):
+            held = self.keys.shape[-2]
+            return held + query_length, self.seen - held
+
+    return WindowLayer
 
 
 def generation_refusal(name: str, layer: MoELayer) -> Optional[str]:
@@ -108,9 +159,9 @@ def generation_refusal(name: str, layer: MoELayer) -> Optional[str]:
     return None
 
 
-def cache_layout(model: nn.Module) -> CacheLayout:
+def cache_layout(model: nn.Module, window_cache: bool = False) -> CacheLayout:
     """The model's KV cache, read from one eager forward with use_cache=True on a 2 x 3 prompt; a clear error when
-    the model has no cache that this export can carry."""
+    the model has no cache that this export can carry (or no sliding-window layer to window, with window_cache)."""
     name = type(model).__name__
     params = inspect.signature(model.forward).parameters
     cache_argument = next((n for n in ("cache", "past_key_values", "past") if n in params), None)
@@ -147,9 +198,15 @@ def cache_layout(model: nn.Module) -> CacheLayout:
                               "one key and one value tensor [batch, heads, seq, head_dim] per layer; this export "
                               "carries only such caches.")
     keys = pairs[0][0]
+    sliding = tuple(bool(getattr(layer, "is_sliding", False)) for layer in layers)
+    window = next((getattr(layer, "sliding_window", 0) for layer in layers if getattr(layer, "is_sliding", False)), 0)
+    if window_cache and not (window > 1 and "attention_mask" in params):
+        raise MoECompileError(f"export(window_cache=True): {name} has no sliding-window attention layer whose cache "
+                              "could be windowed (its cache holds every layer's keys in full); drop window_cache.")
     return CacheLayout(num_layers=len(pairs), heads=keys.shape[1], head_dim=keys.shape[3],
                        position_ids="position_ids" in params, cache_argument=cache_argument,
-                       attention_mask="attention_mask" in params, tuples=tuples, vocab_size=logits.shape[-1])
+                       attention_mask="attention_mask" in params, tuples=tuples, vocab_size=logits.shape[-1],
+                       sliding=sliding, sliding_window=int(window), window_cache=window_cache)
 
 
 def returned_cache(output):
@@ -158,15 +215,16 @@ def returned_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def example_call(layout: CacheLayout, batch: int = 2, new: int = 3, past: int = 5):
+def example_call(layout: CacheLayout, batch: int = 2, new: int = 3, past: int = 5, window: int = 4):
     """(args, dynamic_shapes) of one decode call: all sizes distinct and above 1 (torch.export specialises 0 and 1
-    and unifies equal sizes)."""
+    and unifies equal sizes); a windowed layer's past has `window` positions."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, max(1, min(layout.vocab_size, 100)), (batch, new), generator=g)
-    caches = [torch.randn(batch, layout.heads, past, layout.head_dim, generator=g)
-              for _ in range(2 * layout.num_layers)]
+    caches = [torch.randn(batch, layout.heads, window if layout.windowed(i // 2) else past, layout.head_dim,
+                          generator=g) for i in range(2 * layout.num_layers)]
     Dim = torch.export.Dim
     b, s, p, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    w = Dim("past_window")
     rest, rest_shapes = [], []
     if layout.attention_mask:
         rest.append(torch.ones(batch, past + new, dtype=torch.long))
@@ -175,18 +233,18 @@ def example_call(layout: CacheLayout, batch: int = 2, new: int = 3, past: int = 
         rest.append(torch.arange(past, past + new).expand(batch, new))
         rest_shapes.append({0: b, 1: s})
     rest += caches
-    rest_shapes += [{0: b, 2: p} for _ in caches]
+    rest_shapes += [{0: b, 2: w if layout.windowed(i // 2) else p} for i in range(len(caches))]
     return (ids, *rest), ({0: b, 1: s}, tuple(rest_shapes))  # shapes follow forward's signature
 
 
-def share_cache_buffers(model: onnx.ModelProto, layout: CacheLayout) -> bool:
-    """Rewrite `model` in place so that its past inputs may be buffers shared with the present outputs (module
-    docstring); False, and `model` unchanged, where it cannot: the model takes no attention mask (p is known only
-    from the past's shape), or some past input feeds anything but its layer's GroupQueryAttention (whose present
-    output is that layer's present) and Shape nodes."""
+def share_cache_buffers(model: onnx.ModelProto, layout: CacheLayout) -> list[str]:
+    """Rewrite `model` in place so that past inputs may be buffers shared with their present outputs (module
+    docstring); returns those past inputs. A past input qualifies when it feeds its layer's GroupQueryAttention, whose
+    present output is that layer's present, and otherwise Shape nodes only (not a windowed layer, whose present is a
+    slice); none do in a model without an attention mask (p is known only from the past's shape)."""
     if not layout.attention_mask:
-        return False
-    graph, shapes = model.graph, []
+        return []
+    graph, shared, shapes = model.graph, [], []
     producers = {output: node for node in graph.node for output in node.output}
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -195,12 +253,14 @@ def share_cache_buffers(model: onnx.ModelProto, layout: CacheLayout) -> bool:
     for past, present in zip(layout.input_names()[-2 * layout.num_layers:], layout.output_names()[1:]):
         attention = producers.get(present)
         slot = 1 if past.endswith(".key") else 2  # GroupQueryAttention: inputs 3, 4 are the past; outputs 1, 2
-        if (attention is None or attention.op_type != GQA_OP or attention.domain != FUSED_DOMAIN
-                or list(attention.output).index(present) != slot or attention.input[2 + slot] != past):
-            return False
-        shapes += [node for node in users.get(past, []) if node is not attention]
-        if any(node.op_type != "Shape" for node in shapes):
-            return False
+        readers = [node for node in users.get(past, []) if node is not attention]
+        if (attention is not None and attention.op_type == GQA_OP and attention.domain == FUSED_DOMAIN
+                and list(attention.output).index(present) == slot and attention.input[2 + slot] == past
+                and all(node.op_type == "Shape" for node in readers)):
+            shared.append(past)
+            shapes += readers
+    if not shared:
+        return []
     past_length = "moe_compile.past_sequence_length"
     nodes = [helper.make_node("Shape", ["attention_mask"], [past_length + ".total"], start=1, end=2),
              helper.make_node("Shape", ["input_ids"], [past_length + ".new"], start=1, end=2),
@@ -219,11 +279,11 @@ def share_cache_buffers(model: onnx.ModelProto, layout: CacheLayout) -> bool:
         node.CopyFrom(helper.make_node("Concat", dims, list(node.output), name=node.name, axis=0))
     for node in reversed(nodes):  # first: they read graph inputs only
         graph.node.insert(0, node)
-    return True
+    return shared
 
 
 def write_client_files(model: nn.Module, layout: CacheLayout, directory: Path, dtype: torch.dtype,
-                       shared_cache: bool = False) -> list[str]:
+                       shared_cache: list[str]) -> list[str]:
     """config.json, the source's tokenizer and generation files, genai_config.json (for model types that
     onnxruntime-genai knows) and our own metadata beside model.onnx; returns the files written. A model without a
     transformers config (a hand-written GPT) gets the metadata alone: the other clients need that config."""
@@ -245,19 +305,21 @@ def write_client_files(model: nn.Module, layout: CacheLayout, directory: Path, d
                 "attention_mask": layout.attention_mask, "position_ids": layout.position_ids,
                 "dtype": str(dtype).removeprefix("torch."), "vocab_size": layout.vocab_size, "eos_token_id": eos,
                 "pad_token_id": pad, "inputs": layout.input_names(), "outputs": layout.output_names(),
-                "shared_cache": shared_cache}
+                "shared_cache": shared_cache, "window_cache": layout.window_cache}
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(METADATA_FILE)
-    genai_type = GENAI_MODEL_TYPES.get(model_type) if layout.attention_mask else None
+    # genai sizes every layer's cache alike: a window cache is for our runner only
+    genai_type = GENAI_MODEL_TYPES.get(model_type) if layout.attention_mask and not layout.window_cache else None
     if genai_type is not None:
         (directory / "genai_config.json").write_text(json.dumps(
-            _genai_config(config, layout, genai_type, eos, pad, shared_cache), indent=2) + "\n")
+            _genai_config(config, layout, genai_type, eos, pad, len(shared_cache) == 2 * layout.num_layers),
+            indent=2) + "\n")
         written.append("genai_config.json")
     return written
 
 
 def _genai_config(config, layout: CacheLayout, model_type: str, eos: list[int], pad: Optional[int],
-                  shared_cache: bool) -> dict:
+                  share_buffer: bool) -> dict:
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     if layout.position_ids:
@@ -272,7 +334,7 @@ def _genai_config(config, layout: CacheLayout, model_type: str, eos: list[int], 
                     "inputs": inputs, "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                                                   "present_value_names": "present.%d.value"}}},
         "search": {"max_length": getattr(config, "max_position_embeddings", 2048), "do_sample": False,
-                   "num_beams": 1, "past_present_share_buffer": shared_cache}}
+                   "num_beams": 1, "past_present_share_buffer": share_buffer}}
 
 
 def _token_list(value) -> list[int]:

@@ -57,7 +57,7 @@ TASKS = ("forward", "text-generation")
 
 def export(model: nn.Module, example_inputs: Optional[Inputs], path: Union[str, os.PathLike], *,
            task: str = "forward", target: str = "portable", dynamic: bool = True, dtype: Optional[torch.dtype] = None,
-           fallback: bool = True, opset: Optional[int] = None) -> ExportReport:
+           fallback: bool = True, opset: Optional[int] = None, window_cache: bool = False) -> ExportReport:
     """Write `model` to ONNX, each MoE layer lowered for `target`.
 
     task="forward": `path` is one ONNX file of the model's forward on inputs like `example_inputs`; every output
@@ -69,7 +69,9 @@ def export(model: nn.Module, example_inputs: Optional[Inputs], path: Union[str, 
     task="text-generation": `path` is a directory; it gets `model.onnx`, a decoder with a KV cache for prefill and
     decode steps (decoder.py: optimum's input and output names, dynamic batch, past and new lengths), config.json,
     the source model's tokenizer and generation files, genai_config.json for onnxruntime-genai, and the metadata
-    that `moe_compile.generate` reads. example_inputs is not needed (pass None).
+    that `moe_compile.generate` reads. example_inputs is not needed (pass None). window_cache=True: the
+    sliding-window layers (Gemma 2/3, Mistral-style) keep only their last W - 1 keys and values in the cache, for
+    our runner only (onnxruntime-genai and optimum size every layer's cache alike; no genai_config.json).
 
     The model is deep-copied and put in eval mode (and cast to `dtype`, float32 or float16, or bfloat16 for
     target="tensorrt"); the caller's model is untouched. fallback=False makes target="ort" or "tensorrt" raise
@@ -89,7 +91,11 @@ def export(model: nn.Module, example_inputs: Optional[Inputs], path: Union[str, 
         also = ", or torch.bfloat16 for target='tensorrt'" if target != "tensorrt" else ", torch.bfloat16"
         raise ValueError(f"export: dtype {dtype} is not supported. Use torch.float32 or torch.float16{also}.")
     if task == "text-generation":
-        return _export_decoder(model, Path(path), target=target, dtype=dtype, fallback=fallback, opset=opset)
+        return _export_decoder(model, Path(path), target=target, dtype=dtype, fallback=fallback, opset=opset,
+                               window_cache=window_cache)
+    if window_cache:
+        raise MoECompileError("export: window_cache applies to the KV cache of task='text-generation'; a forward "
+                              "export has no cache. Drop window_cache, or pass task='text-generation'.")
     inputs = as_model_inputs(example_inputs, "export")
     _check_example(model, inputs)
     _check_writable(path)
@@ -112,10 +118,10 @@ def export(model: nn.Module, example_inputs: Optional[Inputs], path: Union[str, 
 
 
 def _export_decoder(model: nn.Module, directory: Path, *, target: str, dtype: Optional[torch.dtype], fallback: bool,
-                    opset: Optional[int]) -> ExportReport:
+                    opset: Optional[int], window_cache: bool) -> ExportReport:
     """task="text-generation": the decoder with a KV cache and the files its clients read, in `directory`."""
     work = copy.deepcopy(model).eval()
-    layout = decoder.cache_layout(work)
+    layout = decoder.cache_layout(work, window_cache)
     if directory.exists() and not directory.is_dir():
         raise MoECompileError(f"export(task='text-generation'): {os.fspath(directory)!r} is a file; pass a "
                               "directory (it is created when missing).")
@@ -183,7 +189,7 @@ def _lower_and_save(call: nn.Module, args: tuple, layer_inputs: dict, path, *, t
     rounded = {key: matrix for key, matrix in rounded.items() if matrix.layer in portable}  # the rest: QMoE nodes
     quantized = weight_only.lower_quantized_experts(program.model, rounded) if rounded else 0
     program.save(os.fspath(path))
-    fused, shared = _fuse_attention(path, cache_layout) if target == "ort" else (0, False)
+    fused, shared = _fuse_attention(path, cache_layout) if target == "ort" else (0, [])
     return ExportReport(path=os.fspath(path), target=target, dtype=dtype_name.removeprefix("torch."), layers=layers,
                         opset=_opset_of(program), attention_fused=fused, quantized_matmuls=quantized,
                         shared_cache=shared)
@@ -227,11 +233,11 @@ def _weight_only_opset(opset: Optional[int], dtype: Optional[torch.dtype]) -> in
     return weight_only.OPSET
 
 
-def _fuse_attention(path, cache_layout: Optional[decoder.CacheLayout]) -> tuple[int, bool]:
+def _fuse_attention(path, cache_layout: Optional[decoder.CacheLayout]) -> tuple[int, list[str]]:
     """Rewrite the saved file's attention subgraphs into ONNX Runtime's fused attention ops (fusion.py), and a
-    decoder's cache for shared buffers where it can; returns (how many were fused, whether the cache is shared)."""
+    decoder's cache for shared buffers where it can; returns (how many were fused, the past inputs shared)."""
     model, fused = fuse_attention(onnx.load(os.fspath(path)))
-    shared = bool(fused) and cache_layout is not None and decoder.share_cache_buffers(model, cache_layout)
+    shared = decoder.share_cache_buffers(model, cache_layout) if fused and cache_layout is not None else []
     if fused:
         weights = sum(len(t.raw_data) for t in model.graph.initializer)
         external = weights > 1_900_000_000  # a protobuf holds at most 2 GB

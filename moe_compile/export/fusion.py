@@ -263,9 +263,10 @@ def _causal_masks(model: onnx.ModelProto, masks: list[str]) -> set[str]:
     query (key j of query i when j > T - S + i), probed: the subgraph computing them run in ONNX Runtime at
     PROBE_SHAPES, every integer input all ones (all tokens valid: the least masking attention_mask; ids and positions
     only feed shapes and position arithmetic) and every float input (a past cache) zeros. An input's dynamic axes
-    are sized by their names (a decoder's batch, sequence, past_sequence, total_sequence), else axes 0 and 1 are
-    batch and sequence. A mask that is not [.., S, T], not <= finfo(dtype).min / 2 after the diagonal at every
-    probe, or whose subgraph cannot be run alone, is not causal."""
+    are sized by their names (a decoder's batch, sequence, past_sequence, total_sequence; a window cache's
+    past_window as past_sequence), else axes 0 and 1 are batch and sequence. A mask that is not [.., S, T], not
+    <= finfo(dtype).min / 2 after the diagonal at every probe, or whose subgraph cannot be run alone, is not
+    causal."""
     if not masks:
         return set()
     import numpy as np
@@ -300,7 +301,8 @@ def _causal_masks(model: onnx.ModelProto, masks: list[str]) -> set[str]:
         session = ort.InferenceSession(probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         causal = set(masks)
         for batch, seq, past in PROBE_SHAPES:
-            named = {"batch": batch, "sequence": seq, "past_sequence": past, "total_sequence": past + seq}
+            named = {"batch": batch, "sequence": seq, "past_sequence": past, "past_window": past,
+                     "total_sequence": past + seq}
             feeds = {}
             for v in inputs:
                 dims = [d.dim_value if d.dim_value > 0 else named.get(d.dim_param, (batch, seq)[i] if i < 2 else -1)

@@ -97,7 +97,7 @@ class Generator:
         self.takes_mask = self.metadata.get("attention_mask", True)
         self.past_names = self.metadata["inputs"][1 + self.takes_mask + self.metadata["position_ids"]:]
         self.present_names = self.metadata["outputs"][1:]
-        self.shared_cache = self.metadata.get("shared_cache", False)
+        self.shared_cache = set(self.metadata.get("shared_cache") or [])  # the past inputs bound as their present
         tokenizer_path = self.directory / "tokenizer.json"
         self.tokenizer = None
         if tokenizer_path.is_file():
@@ -190,11 +190,13 @@ class Generator:
         return result
 
     def _empty_cache(self, batch: int, capacity: int) -> list:
-        """The past of a prefill for every layer's keys and values: buffers for `capacity` positions where the cache
-        is shared, else past length 0."""
-        length = capacity if self.shared_cache else 0
-        shape = (batch, self.metadata["kv_heads"], length, self.metadata["head_dim"])
-        return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype)) for _ in self.past_names]
+        """The past of a prefill for every layer's keys and values: buffers for `capacity` positions where shared,
+        else past length 0."""
+        def empty(name: str) -> np.ndarray:
+            length = capacity if name in self.shared_cache else 0
+            return np.zeros((batch, self.metadata["kv_heads"], length, self.metadata["head_dim"]), dtype=self.dtype)
+
+        return [self._ort.OrtValue.ortvalue_from_numpy(empty(name)) for name in self.past_names]
 
     def _step(self, tokens: np.ndarray, mask: np.ndarray, cache: list) -> tuple[np.ndarray, list, list]:
         """One decoder call on `tokens` [b, s] (the last s positions of `mask`) -> (logits, present cache, routing
@@ -209,8 +211,8 @@ class Generator:
         for name, value in zip(self.past_names, cache):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits")
-        for name, value in zip(self.present_names, cache):
-            if self.shared_cache:  # written in place
+        for past, name, value in zip(self.past_names, self.present_names, cache):
+            if past in self.shared_cache:  # written in place
                 binding.bind_ortvalue_output(name, value)
             else:
                 binding.bind_output(name)
@@ -219,7 +221,8 @@ class Generator:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         cached = len(self.present_names) + 1
-        present = cache if self.shared_cache else list(outputs[1:cached])
+        present = [value if past in self.shared_cache else new
+                   for past, value, new in zip(self.past_names, cache, outputs[1:cached])]
         return outputs[0].numpy(), present, [value.numpy() for value in outputs[cached:]]
 
     def teacher_forced(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[np.ndarray, list[list]]:

@@ -29,7 +29,7 @@ class ExportReport:
     files: list[str] = field(default_factory=list)  # text-generation: the files written beside it
     attention_fused: int = 0  # target ort: attention subgraphs rewritten into ONNX Runtime's fused ops
     quantized_matmuls: int = 0  # expert matmuls written as b-bit weights (moe_compile.quantize_experts)
-    shared_cache: bool = False  # text-generation: past and present may share one buffer (decoder.share_cache_buffers)
+    shared_cache: list[str] = field(default_factory=list)  # past inputs that may share a buffer with their present
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "task": self.task, "target": self.target, "dtype": self.dtype,
@@ -44,7 +44,8 @@ class ExportReport:
         if self.attention_fused:
             head += f"\nattention: {self.attention_fused} layers fused into ONNX Runtime attention ops"
         if self.shared_cache:
-            head += "\nKV cache: past and present may share one preallocated buffer per layer (written in place)"
+            head += (f"\nKV cache: {len(self.shared_cache)} past inputs may share a preallocated buffer with their "
+                     "present (written in place)")
         if self.quantized_matmuls:
             head += (f"\nexperts: {self.quantized_matmuls} matmuls as b-bit weights (DequantizeLinear + MatMul; "
                      "ONNX Runtime: MatMulNBits)")

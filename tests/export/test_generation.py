@@ -98,7 +98,7 @@ def test_batched_left_padded_generation_equals_transformers_generate(exported_de
     """Our runner on a batch of prompts of two lengths; transformers' generate on each prompt alone. On the ort
     target the cache is one shared buffer per layer, written in place."""
     model, directory, report = exported_decoder(family, "split", target)
-    assert report.shared_cache == (target == "ort")
+    assert len(report.shared_cache) == (4 if target == "ort" else 0)  # 2 layers' keys and values
     result = moe_compile.generate(directory, PROMPTS, max_new_tokens=20, stop_tokens=[])
     for prompt, tokens in zip(PROMPTS, result.tokens):
         with torch.no_grad():
@@ -135,7 +135,8 @@ def test_ort_target_generates_with_grouped_query_attention_over_the_cache(export
         assert set(node.output[1:]) == {f"present.{i}.key", f"present.{i}.value"} <= outputs
     parity = moe_compile.check_generation(model, directory, PROMPTS, steps=8)  # left padding: the mask as bias
     assert parity.passed and parity.token_agreement == 1.0, parity.table()
-    assert report.shared_cache and json.loads((directory / "moe_generation.json").read_text())["shared_cache"]
+    assert report.shared_cache == json.loads((directory / "moe_generation.json").read_text())["shared_cache"]
+    assert report.shared_cache == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -146,7 +147,7 @@ def test_a_shared_cache_graph_also_takes_an_exact_past(exported_decoder, family)
     generator = Generator(directory)
     shared = generator.generate(PROMPTS, max_new_tokens=12, stop_tokens=[])
     assert shared.kv_cache_bytes == 2 * 2 * len(PROMPTS) * 2 * (11 + 12) * 16 * 4  # layers, k/v, b, heads, len, dim
-    generator.shared_cache = False
+    generator.shared_cache = set()
     exact = generator.generate(PROMPTS, max_new_tokens=12, stop_tokens=[])
     assert exact.tokens == shared.tokens and exact.kv_cache_bytes < shared.kv_cache_bytes
 
@@ -160,6 +161,40 @@ def test_cache_buffers_are_shared_only_where_every_past_feeds_its_attention_op(e
     _, directory, _ = exported_decoder("llama", "split", "ort")
     graph = onnx.load(str(directory / "model.onnx"))  # shared: but p can come only from an attention mask
     assert not share_cache_buffers(graph, dataclasses.replace(layout, attention_mask=False))
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_a_window_cache_keeps_a_sliding_layer_to_its_window(tmp_path, target):
+    """Gemma 3 with a window of 4 (layer 0 sliding, layer 1 full): with window_cache the sliding layer's cache holds
+    at most 3 positions, and the decoder still computes every step as eager does, past the window and in left-padded
+    batches; on the ort target the full layer's buffers are shared and the windowed layer's are not."""
+    model = convert(build("gemma3"), **SPLIT)
+    report = moe_compile.export(model, None, tmp_path, task="text-generation", target=target, window_cache=True)
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert dims["past_key_values.0.key"] == ["batch", 2, "past_window", 16]
+    assert dims["past_key_values.1.value"] == ["batch", 2, "past_sequence", 16]
+    assert "genai_config.json" not in report.files  # genai sizes every layer's cache alike
+    assert report.shared_cache == (["past_key_values.1.key", "past_key_values.1.value"] if target == "ort" else [])
+    parity = moe_compile.check_generation(model, tmp_path, PROMPTS, steps=12)
+    assert parity.passed and parity.max_abs <= 1e-5 and parity.token_agreement == 1.0, parity.table()
+    assert parity.routing.share == 1.0, parity.table()
+    result = moe_compile.generate(tmp_path, PROMPTS, max_new_tokens=12, stop_tokens=[])
+    for prompt, tokens in zip(PROMPTS, result.tokens):
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == expected
+    full = 11 + 12 if target == "ort" else 11 + 11  # a shared buffer holds the whole capacity
+    assert result.kv_cache_bytes == 2 * len(PROMPTS) * 2 * (3 + full) * 16 * 4  # k/v, b, heads, positions, dim
+
+
+def test_window_cache_is_refused_without_sliding_layers(exported_decoder, tmp_path):
+    model, _, _ = exported_decoder("llama", "split")
+    with pytest.raises(MoECompileError, match="no sliding-window attention layer"):
+        moe_compile.export(model, None, tmp_path, task="text-generation", window_cache=True)
+    with pytest.raises(MoECompileError, match="window_cache applies to the KV cache"):
+        moe_compile.export(model, torch.zeros(1, 4, dtype=torch.long), tmp_path / "m.onnx", window_cache=True)
 
 
 def test_tokens_do_not_depend_on_batch_mates(exported_decoder):
