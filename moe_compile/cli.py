@@ -14,7 +14,7 @@
     moe-compile export MODEL_DIR --target {ort,portable,tensorrt} --out FILE.onnx [--dtype fp32|fp16|bf16]
                        [--batch B --seq S] [--engine FILE.engine --max-batch B --max-seq S]
     moe-compile export MODEL_DIR --task text-generation --target {ort,portable,tensorrt} --out DIR [--dtype ...]
-                       [--window-cache]
+                       [--window-cache] [--logits all|last]
     moe-compile check MODEL_DIR FILE.onnx|FILE.engine|DIR [--json] [--dtype fp32|fp16|bf16] [--batch B --seq S]
                       [--steps N]
     moe-compile generate DIR (--prompt TEXT ... | --ids "ID ID ..." ...) [--max-new-tokens N] [--sample
@@ -222,6 +222,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="text-generation: sliding-window layers (Gemma 2/3, Mistral-style) keep only their "
                              "window in the cache; for moe-compile generate only (the clients size every layer's "
                              "cache alike)")
+    export.add_argument("--logits", choices=("all", "last"), default="all",
+                        help="text-generation: the LM head at every position (all, default) or at the last one "
+                             "only (last: all that generating needs; saves an LM head per prompt token)")
     export.add_argument("--out", required=True, metavar="FILE.onnx|DIR")
     _add_run_flags(export, EXPORT_SHAPE, "precision of the ONNX graph (default: the model's; bf16 for tensorrt)")
     engine = export.add_argument_group("TensorRT engine (target tensorrt; needs TensorRT and a GPU)")
@@ -510,7 +513,7 @@ def _export(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     example = None if args.task == "text-generation" else _token_ids(model, args.batch, args.seq)
     report = export(model, example, args.out, task=args.task, target=args.target, dtype=DTYPES.get(args.dtype),
-                    window_cache=args.window_cache)
+                    window_cache=args.window_cache, logits=args.logits)
     print(report.table())
     if args.engine is not None:
         from .export.tensorrt import build_engine

@@ -2,7 +2,7 @@
 
     inputs:  input_ids [b, s], attention_mask [b, p + s] (when the model takes one), position_ids [b, s] (likewise),
              past_key_values.{i}.key | .value [b, h_kv, p, d]                  (p = 0 for the prefill)
-    outputs: logits [b, s, vocab], present.{i}.key | .value [b, h_kv, p + s, d]
+    outputs: logits [b, s, vocab] ([b, 1, vocab] with logits="last"), present.{i}.key | .value [b, h_kv, p + s, d]
              present = concat(past, the new tokens' keys / values) along the sequence axis
 
 One graph serves prefill (s = prompt length, p = 0) and every decode step (s = 1, p = tokens so far): b, s, p and
@@ -79,6 +79,7 @@ class CacheLayout:
     sliding: tuple[bool, ...] = ()  # per layer: a sliding-window attention layer
     sliding_window: int = 0  # W of the sliding layers
     window_cache: bool = False  # the sliding layers keep only their last W - 1 keys and values (module docstring)
+    last_logits: bool = False  # logits of the last position only: [b, 1, vocab]
 
     def windowed(self, layer: int) -> bool:
         return self.window_cache and self.sliding[layer]
@@ -106,7 +107,7 @@ class DecoderWithPast(nn.Module):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layout.num_layers)]
         if layout.tuples:
             logits, present = self.model(input_ids, **named, **{layout.cache_argument: pairs}, use_cache=True)[:2]
-            return (logits, *[t for pair in present for t in pair])
+            return (logits[:, -1:] if layout.last_logits else logits, *[t for pair in present for t in pair])
         from transformers import DynamicCache
 
         cache = DynamicCache(pairs)
@@ -115,7 +116,8 @@ class DecoderWithPast(nn.Module):
             if layout.windowed(i):
                 cache.layers[i] = _window_layer_class()(seen)
                 cache.layers[i].update(keys, values)
-        out = self.model(input_ids=input_ids, use_cache=True, **named, **{layout.cache_argument: cache})
+        keep = {"logits_to_keep": 1} if layout.last_logits else {}
+        out = self.model(input_ids=input_ids, use_cache=True, **named, **keep, **{layout.cache_argument: cache})
         keep = layout.sliding_window - 1
         layers = returned_cache(out).layers
         return (out.logits, *[t[:, :, -keep:] if layout.windowed(i) else t
@@ -159,7 +161,7 @@ def generation_refusal(name: str, layer: MoELayer) -> Optional[str]:
     return None
 
 
-def cache_layout(model: nn.Module, window_cache: bool = False) -> CacheLayout:
+def cache_layout(model: nn.Module, window_cache: bool = False, last_logits: bool = False) -> CacheLayout:
     """The model's KV cache, read from one eager forward with use_cache=True on a 2 x 3 prompt; a clear error when
     the model has no cache that this export can carry (or no sliding-window layer to window, with window_cache)."""
     name = type(model).__name__
@@ -200,13 +202,17 @@ def cache_layout(model: nn.Module, window_cache: bool = False) -> CacheLayout:
     keys = pairs[0][0]
     sliding = tuple(bool(getattr(layer, "is_sliding", False)) for layer in layers)
     window = next((getattr(layer, "sliding_window", 0) for layer in layers if getattr(layer, "is_sliding", False)), 0)
+    if last_logits and not tuples and "logits_to_keep" not in params:
+        raise MoECompileError(f"export(logits='last'): {name}.forward takes no logits_to_keep, so its LM head "
+                              "cannot be limited to the last position; export with logits='all'.")
     if window_cache and not (window > 1 and "attention_mask" in params):
         raise MoECompileError(f"export(window_cache=True): {name} has no sliding-window attention layer whose cache "
                               "could be windowed (its cache holds every layer's keys in full); drop window_cache.")
     return CacheLayout(num_layers=len(pairs), heads=keys.shape[1], head_dim=keys.shape[3],
                        position_ids="position_ids" in params, cache_argument=cache_argument,
                        attention_mask="attention_mask" in params, tuples=tuples, vocab_size=logits.shape[-1],
-                       sliding=sliding, sliding_window=int(window), window_cache=window_cache)
+                       sliding=sliding, sliding_window=int(window), window_cache=window_cache,
+                       last_logits=last_logits)
 
 
 def returned_cache(output):
@@ -305,7 +311,8 @@ def write_client_files(model: nn.Module, layout: CacheLayout, directory: Path, d
                 "attention_mask": layout.attention_mask, "position_ids": layout.position_ids,
                 "dtype": str(dtype).removeprefix("torch."), "vocab_size": layout.vocab_size, "eos_token_id": eos,
                 "pad_token_id": pad, "inputs": layout.input_names(), "outputs": layout.output_names(),
-                "shared_cache": shared_cache, "window_cache": layout.window_cache}
+                "shared_cache": shared_cache, "window_cache": layout.window_cache,
+                "logits": "last" if layout.last_logits else "all"}
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(METADATA_FILE)
     # genai sizes every layer's cache alike: a window cache is for our runner only

@@ -57,7 +57,8 @@ TASKS = ("forward", "text-generation")
 
 def export(model: nn.Module, example_inputs: Optional[Inputs], path: Union[str, os.PathLike], *,
            task: str = "forward", target: str = "portable", dynamic: bool = True, dtype: Optional[torch.dtype] = None,
-           fallback: bool = True, opset: Optional[int] = None, window_cache: bool = False) -> ExportReport:
+           fallback: bool = True, opset: Optional[int] = None, window_cache: bool = False,
+           logits: str = "all") -> ExportReport:
     """Write `model` to ONNX, each MoE layer lowered for `target`.
 
     task="forward": `path` is one ONNX file of the model's forward on inputs like `example_inputs`; every output
@@ -72,6 +73,9 @@ def export(model: nn.Module, example_inputs: Optional[Inputs], path: Union[str, 
     that `moe_compile.generate` reads. example_inputs is not needed (pass None). window_cache=True: the
     sliding-window layers (Gemma 2/3, Mistral-style) keep only their last W - 1 keys and values in the cache, for
     our runner only (onnxruntime-genai and optimum size every layer's cache alike; no genai_config.json).
+    logits="last": the decoder computes the LM head at the last position only (logits [b, 1, vocab]), which is
+    all that generating needs; "all" (default) gives every position's, as optimum's exports do, at the cost of an
+    LM head per prompt token at prefill (Gemma 3's 262k-token head: 2 GB of logits for a 2048-token prompt).
 
     The model is deep-copied and put in eval mode (and cast to `dtype`, float32 or float16, or bfloat16 for
     target="tensorrt"); the caller's model is untouched. fallback=False makes target="ort" or "tensorrt" raise
@@ -90,12 +94,15 @@ def export(model: nn.Module, example_inputs: Optional[Inputs], path: Union[str, 
     if dtype is not None and dtype not in (TRT_DTYPES if target == "tensorrt" else DTYPES):
         also = ", or torch.bfloat16 for target='tensorrt'" if target != "tensorrt" else ", torch.bfloat16"
         raise ValueError(f"export: dtype {dtype} is not supported. Use torch.float32 or torch.float16{also}.")
+    if logits not in ("all", "last"):
+        raise MoECompileError(f"export: logits={logits!r}; choose 'all' (every position's) or 'last' (the last "
+                              "position's, for generating).")
     if task == "text-generation":
         return _export_decoder(model, Path(path), target=target, dtype=dtype, fallback=fallback, opset=opset,
-                               window_cache=window_cache)
-    if window_cache:
-        raise MoECompileError("export: window_cache applies to the KV cache of task='text-generation'; a forward "
-                              "export has no cache. Drop window_cache, or pass task='text-generation'.")
+                               window_cache=window_cache, last_logits=logits == "last")
+    if window_cache or logits != "all":
+        raise MoECompileError("export: window_cache and logits='last' apply to task='text-generation' (a decoder "
+                              "with a KV cache); drop them for a forward export, or pass task='text-generation'.")
     inputs = as_model_inputs(example_inputs, "export")
     _check_example(model, inputs)
     _check_writable(path)
@@ -118,10 +125,10 @@ def export(model: nn.Module, example_inputs: Optional[Inputs], path: Union[str, 
 
 
 def _export_decoder(model: nn.Module, directory: Path, *, target: str, dtype: Optional[torch.dtype], fallback: bool,
-                    opset: Optional[int], window_cache: bool) -> ExportReport:
+                    opset: Optional[int], window_cache: bool, last_logits: bool) -> ExportReport:
     """task="text-generation": the decoder with a KV cache and the files its clients read, in `directory`."""
     work = copy.deepcopy(model).eval()
-    layout = decoder.cache_layout(work, window_cache)
+    layout = decoder.cache_layout(work, window_cache, last_logits)
     if directory.exists() and not directory.is_dir():
         raise MoECompileError(f"export(task='text-generation'): {os.fspath(directory)!r} is a file; pass a "
                               "directory (it is created when missing).")

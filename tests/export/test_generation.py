@@ -189,11 +189,33 @@ def test_a_window_cache_keeps_a_sliding_layer_to_its_window(tmp_path, target):
     assert result.kv_cache_bytes == 2 * len(PROMPTS) * 2 * (3 + full) * 16 * 4  # k/v, b, heads, positions, dim
 
 
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_last_position_logits_generate_the_same_tokens(exported_decoder, tmp_path, target):
+    """logits='last': the LM head runs at the last position only (logits [b, 1, vocab]); the decoder generates what
+    the all-positions one does, in our runner and in onnxruntime-genai."""
+    model, directory, _ = exported_decoder("llama", "split", target)
+    moe_compile.export(model, None, tmp_path, task="text-generation", target=target, logits="last")
+    logits = onnx.load(str(tmp_path / "model.onnx")).graph.output[0]
+    assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim] == ["batch", 1, VOCAB]
+    parity = moe_compile.check_generation(model, tmp_path, PROMPTS, steps=8)
+    assert parity.passed and parity.token_agreement == 1.0, parity.table()
+    tokens = moe_compile.generate(tmp_path, PROMPTS, 12, stop_tokens=[]).tokens
+    assert tokens == moe_compile.generate(directory, PROMPTS, 12, stop_tokens=[]).tokens
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra: genai)")
+    params = og.GeneratorParams(og_model := og.Model(str(tmp_path)))
+    params.set_search_options(max_length=len(PROMPTS[0]) + 12, do_sample=False)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(np.array([PROMPTS[0]], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert [int(t) for t in generator.get_sequence(0)][len(PROMPTS[0]):] == tokens[0]
+
+
 def test_window_cache_is_refused_without_sliding_layers(exported_decoder, tmp_path):
     model, _, _ = exported_decoder("llama", "split")
     with pytest.raises(MoECompileError, match="no sliding-window attention layer"):
         moe_compile.export(model, None, tmp_path, task="text-generation", window_cache=True)
-    with pytest.raises(MoECompileError, match="window_cache applies to the KV cache"):
+    with pytest.raises(MoECompileError, match="apply to task='text-generation'"):
         moe_compile.export(model, torch.zeros(1, 4, dtype=torch.long), tmp_path / "m.onnx", window_cache=True)
 
 
