@@ -116,11 +116,10 @@ class DecoderWithPast(nn.Module):
             if layout.windowed(i):
                 cache.layers[i] = _window_layer_class()(seen)
                 cache.layers[i].update(keys, values)
-        keep = {"logits_to_keep": 1} if layout.last_logits else {}
-        out = self.model(input_ids=input_ids, use_cache=True, **named, **keep, **{layout.cache_argument: cache})
-        keep = layout.sliding_window - 1
-        layers = returned_cache(out).layers
-        return (out.logits, *[t[:, :, -keep:] if layout.windowed(i) else t
+        head = {"logits_to_keep": 1} if layout.last_logits else {}
+        out = self.model(input_ids=input_ids, use_cache=True, **named, **head, **{layout.cache_argument: cache})
+        window, layers = layout.sliding_window - 1, returned_cache(out).layers
+        return (out.logits, *[t[:, :, -window:] if layout.windowed(i) else t
                               for i, layer in enumerate(layers) for t in (layer.keys, layer.values)])
 
 
