@@ -20,13 +20,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import moe_compile
 from moe_compile.table import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.export.test_generation import FAMILIES, PROMPTS, SPLIT, UPCYCLE, build, convert  # noqa: E402
+from tests.export.test_generation import (  # noqa: E402
+    FAMILIES, PROMPTS, SPLIT, UPCYCLE, build, convert, transformers_greedy)
 
 STEPS = 32
 OPTIMUM_SCRIPT = """
@@ -85,9 +85,7 @@ def main() -> int:
                 directory = Path(scratch) / f"{family}-{conversion.split()[0]}"
                 moe_compile.export(model, None, directory, task="text-generation")
                 parity = moe_compile.check_generation(model, directory, PROMPTS, steps=STEPS)
-                with torch.no_grad():
-                    expected = model.generate(torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False,
-                                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+                expected = transformers_greedy(model, prompt, STEPS)
                 ours = moe_compile.generate(directory, [prompt], STEPS, stop_tokens=[]).tokens[0]
                 rows.append({"family": family, "conversion": conversion, "parity_passed": parity.passed,
                              "max_abs": parity.max_abs, "greedy_agreement": parity.token_agreement,
