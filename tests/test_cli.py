@@ -276,9 +276,18 @@ def test_text_generation_export_check_and_generate(capsys, tmp_path):
     code, out, err = run(capsys, "generate", str(decoder), "--ids", "5 6 7", "3 4", "--max-new-tokens", "4", "--stop")
     assert code == 0 and [len(line.split()) for line in out.splitlines()] == [4, 4], err
 
-    code, out, err = run(capsys, "export", str(hf), "--task", "text-generation", "--target", "portable", "--out",
-                         str(tmp_path / "dense"))
-    assert code == 0 and (tmp_path / "dense" / "tokenizer.json").is_file(), err
+    dense = tmp_path / "dense"  # ort: shared cache buffers; the LM head at the last position only
+    code, out, err = run(capsys, "export", str(hf), "--task", "text-generation", "--target", "ort", "--logits", "last",
+                         "--out", str(dense))
+    assert code == 0 and (dense / "tokenizer.json").is_file(), err
+    assert "past inputs may share a preallocated buffer" in out
+    metadata = json.loads((dense / "moe_generation.json").read_text())
+    assert metadata["logits"] == "last" and metadata["shared_cache"]
+    code, out, err = run(capsys, "generate", str(dense), "--ids", "5 6 7", "--max-new-tokens", "4", "--stop")
+    assert code == 0 and len(out.split()) == 4, err
+    code, _, err = run(capsys, "export", str(hf), "--task", "text-generation", "--target", "ort", "--window-cache",
+                       "--out", str(tmp_path / "windowed"))
+    assert code == 2 and "no sliding-window attention layer" in err, err
 
 
 @pytest.mark.parametrize("argv, message", [
