@@ -1,5 +1,6 @@
 """Which family generates in which client: every family's text-generation export (dense, split 8/2, upcycle 8/2,
-tiny random models built from small configs) against eager PyTorch, in our runner, onnxruntime-genai and optimum.
+tiny random models built from small configs; targets portable and ort) against eager PyTorch, in our runner,
+onnxruntime-genai and optimum.
 
     python3 dev.py clients        (sets up .venv-clients for optimum, whose pins clash with ours, then runs this)
 
@@ -29,6 +30,7 @@ from tests.export.test_generation import (  # noqa: E402
     FAMILIES, PROMPTS, SPLIT, UPCYCLE, build, convert, transformers_greedy)
 
 STEPS = 32
+TARGETS = ("portable", "ort")  # ort: GroupQueryAttention over shared cache buffers, com.microsoft.MoE nodes
 OPTIMUM_SCRIPT = """
 import json, sys, torch
 from optimum.onnxruntime import ORTModelForCausalLM
@@ -78,22 +80,24 @@ def main() -> int:
     prompt = PROMPTS[0]
     rows, jobs = [], []
     with tempfile.TemporaryDirectory() as scratch:
-        for family in FAMILIES:
+        for family, target in ((family, target) for family in FAMILIES for target in TARGETS):
             for conversion, fields in (("dense", None), ("split 8/2", SPLIT), ("upcycle 8/2", UPCYCLE)):
                 dense = build(family)
                 model = dense if fields is None else convert(dense, **fields)
-                directory = Path(scratch) / f"{family}-{conversion.split()[0]}"
-                moe_compile.export(model, None, directory, task="text-generation")
+                directory = Path(scratch) / f"{family}-{conversion.split()[0]}-{target}"
+                moe_compile.export(model, None, directory, task="text-generation", target=target)
                 parity = moe_compile.check_generation(model, directory, PROMPTS, steps=STEPS)
                 expected = transformers_greedy(model, prompt, STEPS)
                 ours = moe_compile.generate(directory, [prompt], STEPS, stop_tokens=[]).tokens[0]
-                rows.append({"family": family, "conversion": conversion, "parity_passed": parity.passed,
+                rows.append({"family": family, "target": target, "conversion": conversion,
+                             "parity_passed": parity.passed,
                              "max_abs": parity.max_abs, "greedy_agreement": parity.token_agreement,
                              "ours": verdict(ours, expected), "genai": verdict(genai_tokens(directory, prompt, STEPS),
                                                                                 expected),
                              "expected": expected})
                 jobs.append((str(directory), prompt, STEPS))
-                print(f"{family} {conversion}: parity {'PASS' if parity.passed else 'FAIL'}", file=sys.stderr)
+                print(f"{family} {target} {conversion}: parity {'PASS' if parity.passed else 'FAIL'}",
+                      file=sys.stderr)
         if args.optimum_python:
             out = subprocess.run([args.optimum_python, "-c", OPTIMUM_SCRIPT, json.dumps(jobs)], capture_output=True,
                                  text=True, check=True).stdout.splitlines()
@@ -102,9 +106,11 @@ def main() -> int:
     for row in rows:
         row.setdefault("optimum", "not run (--optimum-python)")
         del row["expected"]
-    table = [("family", "conversion", "generation parity (max abs)", "our runner", "onnxruntime-genai", "optimum")]
-    table += [(r["family"], r["conversion"], f"{'PASS' if r['parity_passed'] else 'FAIL'} ({r['max_abs']:.2g})",
-               r["ours"], r["genai"], r["optimum"]) for r in rows]
+    table = [("family", "target", "conversion", "generation parity (max abs)", "our runner", "onnxruntime-genai",
+              "optimum")]
+    table += [(r["family"], r["target"], r["conversion"],
+               f"{'PASS' if r['parity_passed'] else 'FAIL'} ({r['max_abs']:.2g})", r["ours"], r["genai"],
+               r["optimum"]) for r in rows]
     print(format_table(table, f"32 greedy tokens vs transformers' generate (prompt of {len(prompt)} tokens)"))
     Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0 if all(r["parity_passed"] for r in rows) else 1
