@@ -18,7 +18,8 @@ side by side.
 as MatMulNBits in float32 (accuracy level 0, as parity needs); in eager it is the float32 split model's speed, so
 it is timed in ONNX Runtime only. "(ort)": the same model exported with target="ort" (float32 experts as
 com.microsoft.MoE nodes, int4 experts as com.microsoft.QMoE; attention fused into GroupQueryAttention over the
-cache), compared with the dense model exported the same way.
+cache, which our runner preallocates and the op writes in place), compared with the dense model exported the same
+way. KV cache: its size after the last step (the preallocated buffers on the ort target).
 
 Prefill's Amdahl bound for split 8/2: 1 - s + 0.25 s, with s the FFNs' share of the dense prefill time, measured
 on the same export with every FFN replaced by zeros.
