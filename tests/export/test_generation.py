@@ -382,5 +382,9 @@ def test_a_hand_written_gpt_with_a_tuple_cache_generates(tmp_path, conversion):
         for _ in range(32):
             sequence = torch.cat([sequence, model(sequence)[:, -1:].argmax(-1)], dim=1)
     assert result.tokens == sequence[:, 6:].tolist()
+    if conversion == "split":  # logits="last": the list-cache model's logits sliced to the last position
+        moe_compile.export(model, None, tmp_path / "last", task="text-generation", logits="last")
+        last = moe_compile.generate(tmp_path / "last", prompts, max_new_tokens=32, stop_tokens=[])
+        assert last.tokens == result.tokens
     with pytest.raises(MoECompileError, match="takes no attention mask .* prompts of one length"):
         moe_compile.generate(tmp_path, PROMPTS, max_new_tokens=2)
