@@ -20,14 +20,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 import moe_compile
 from moe_compile.table import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.export.test_generation import (  # noqa: E402
-    FAMILIES, PROMPTS, SPLIT, UPCYCLE, build, convert, transformers_greedy)
+    FAMILIES, PROMPTS, SPLIT, UPCYCLE, build, convert, genai_greedy, transformers_greedy)
 
 STEPS = 32
 TARGETS = ("portable", "ort")  # ort: GroupQueryAttention over shared cache buffers, com.microsoft.MoE nodes
@@ -48,19 +46,12 @@ for directory, prompt, steps in jobs:
 
 def genai_tokens(directory: Path, prompt: list[int], steps: int):
     try:
-        import onnxruntime_genai as og
+        import onnxruntime_genai  # noqa: F401
     except ImportError:
         return "not installed"
     if not (directory / "genai_config.json").is_file():
         return "model type unknown to genai"
-    model = og.Model(str(directory))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+    return genai_greedy(directory, prompt, steps)
 
 
 def verdict(tokens, expected) -> str:

@@ -66,6 +66,19 @@ def transformers_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def genai_greedy(directory, prompt: list[int], new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy tokens for one prompt, from the export directory."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model := og.Model(str(directory)))
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+
+
 @pytest.fixture(scope="module")
 def exported_decoder(tmp_path_factory):
     cache = {}
@@ -201,14 +214,8 @@ def test_last_position_logits_generate_the_same_tokens(exported_decoder, tmp_pat
     assert parity.passed and parity.token_agreement == 1.0, parity.table()
     tokens = moe_compile.generate(tmp_path, PROMPTS, 12, stop_tokens=[]).tokens
     assert tokens == moe_compile.generate(directory, PROMPTS, 12, stop_tokens=[]).tokens
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra: genai)")
-    params = og.GeneratorParams(og_model := og.Model(str(tmp_path)))
-    params.set_search_options(max_length=len(PROMPTS[0]) + 12, do_sample=False)
-    generator = og.Generator(og_model, params)
-    generator.append_tokens(np.array([PROMPTS[0]], dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    assert [int(t) for t in generator.get_sequence(0)][len(PROMPTS[0]):] == tokens[0]
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra: genai)")
+    assert genai_greedy(tmp_path, PROMPTS[0], 12) == tokens[0]
 
 
 def test_window_cache_is_refused_without_sliding_layers(exported_decoder, tmp_path):
@@ -317,19 +324,12 @@ GENAI_FAMILIES = ["llama", "qwen2", "gemma3", "phi"]  # model types onnxruntime-
 @pytest.mark.parametrize("target", ["portable", "ort"])
 @pytest.mark.parametrize("family", GENAI_FAMILIES)
 def test_onnxruntime_genai_loads_the_directory_and_generates_the_same_tokens(exported_decoder, family, target):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra: genai)")
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra: genai)")
     _, directory, _ = exported_decoder(family, "split", target)
     search = json.loads((directory / "genai_config.json").read_text())["search"]
     assert search["past_present_share_buffer"] == (target == "ort")  # genai then preallocates the cache too
-    prompt = PROMPTS[0]
-    params = og.GeneratorParams(og_model := og.Model(str(directory)))
-    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
-    generator = og.Generator(og_model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    tokens = [int(t) for t in generator.get_sequence(0)][len(prompt):]
-    assert tokens == moe_compile.generate(directory, [prompt], 16, stop_tokens=[]).tokens[0]
+    ours = moe_compile.generate(directory, [PROMPTS[0]], 16, stop_tokens=[]).tokens[0]
+    assert genai_greedy(directory, PROMPTS[0], 16) == ours
 
 
 def test_no_genai_config_for_model_types_genai_does_not_know(exported_decoder):
