@@ -11,8 +11,8 @@ text, with the errors of every earlier layer in their inputs. The losses, per wi
              over the tokens (a few massive features would otherwise be the whole loss); no LM head
     logits+hidden   their sum: the default for transformers models (logits alone for others)
 
-A router gets gradients only where its gates weight the experts' outputs (combine="weighted"); unweighted split
-experts keep their calibrated routers. AdamW, linear warm-up over the first 5% of the steps, then cosine decay to
+Routers learn too: a weighted combine's gates carry their gradient, and an unweighted one (split experts) passes it
+straight through (moe/layer.py). AdamW, linear warm-up over the first 5% of the steps, then cosine decay to
 10% of the rate; gradients clipped to norm 1. The windows of step s are drawn from a generator seeded with
 (seed, s), so a run is deterministic for its seed and a resumed run equals an uninterrupted one: the checkpoint
 (safetensors weights and optimizer moments, a JSON of the step and the settings) is written every

@@ -35,9 +35,11 @@ def converted(dense):
 def test_healing_brings_the_model_to_the_dense_one_and_trains_only_the_moe_layers(hf_gpt2, data, loss):
     moe = converted(hf_gpt2)
     frozen = {name: p.clone() for name, p in moe.named_parameters() if ".mlp." not in name}
+    routers = {name: p.clone() for name, p in moe.named_parameters() if ".router." in name}
     before = held_out_error(moe, hf_gpt2, data, loss)
     report = heal(moe, hf_gpt2, data, loss=loss, positions=8, **SETTINGS)
     assert held_out_error(moe, hf_gpt2, data, loss) < 0.6 * before
+    assert all(not torch.equal(p, routers[name]) for name, p in moe.named_parameters() if name in routers)
     assert report.steps == 12 and report.tokens == 12 * 4 * 16 and len(report.losses) == 12
     assert all(torch.equal(p, frozen[name]) for name, p in moe.named_parameters() if name in frozen)
     assert all(p.requires_grad for p in moe.parameters()) and not moe.training

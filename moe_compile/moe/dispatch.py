@@ -85,9 +85,12 @@ def sort_by_expert(expert_ids: torch.Tensor, gates: torch.Tensor, num_experts: i
 
 
 def run_experts(flat: torch.Tensor, dispatch: Dispatch, expert: Callable[[int, torch.Tensor], torch.Tensor],
-                weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                weighted: bool = True, probs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = sum over the computed rows r of token t of w_r expert(e_r, x_t) (w_r = 1 when not weighted), with
     `expert(e, rows)` run once per expert on its contiguous rows; returns (y [T, d], computed rows per token [T]).
+
+    probs [T, E], given when not weighted: the straight-through w_r = 1 + p - sg(p), p = probs[t_r, e_r], equal to
+    1 in value, so that the router still learns from the loss, dL/dp_{t,e} = <dL/dy_t, expert(e, x_t)>.
 
     The computed rows' tokens and gates are split by the counts (one Split each, no per-expert slice arithmetic,
     which keeps the exported graph small where it runs on few tokens: a decode step). One host sync reads the
@@ -106,7 +109,10 @@ def run_experts(flat: torch.Tensor, dispatch: Dispatch, expert: Callable[[int, t
 
     def computed(e: int, rows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         out = expert(e, flat.index_select(0, rows))
-        return (out * gate.to(out.dtype).unsqueeze(1) if weighted else out).to(acc)
+        if not weighted and probs is not None:
+            p = probs[rows, e]
+            gate = (p - p.detach()) + 1  # exactly 1: 1 + p - p would round
+        return (out * gate.to(out.dtype).unsqueeze(1) if weighted or probs is not None else out).to(acc)
 
     segments = list(zip(token.split(counts), weight.split(counts)))
     if torch.compiler.is_exporting():

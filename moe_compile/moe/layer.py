@@ -2,13 +2,15 @@
 
     y_t = sum_{kept rows r of token t} w_r FFN_{e_r}(x_t) + [token t has a kept row] b_out
 
-over the rows of the router's Dispatch (the routing's choices sorted by expert, see dispatch.py), with w = the
-row's gate ("weighted") or 1 ("unweighted", split experts), FFN_e the e-th expert (plain or gated, as the dense FFN
-was, with its hidden norm if it has one) and b_out the dense down-projection bias when split experts share it. Each
-expert runs one plain matmul per projection on its own contiguous rows: no padding, no empty slots, dropless unless
-the router has a capacity. The same forward is what `torch.export` captures for the portable ONNX lowering (the
-slice bounds become data-dependent Slice nodes; only the final sum per token is written with gathers there, see
-dispatch.run_experts). A shared expert (split experts with shared neurons), when present, is added for every token.
+over the rows of the router's Dispatch (the routing's choices sorted by expert, see dispatch.py), with w = the row's
+gate ("weighted") or 1 ("unweighted", split experts; while gradients flow to the router, the straight-through factor
+1+p-sg(p) of the row's router probability, 1 in value, so that training moves the router too), FFN_e the e-th expert
+(plain or gated, as the dense FFN was, with its hidden norm if it has one) and b_out the dense down-projection bias
+when split experts share it. Each expert runs one plain matmul per projection on its own contiguous rows: no
+padding, no empty slots, dropless unless the router has a capacity. The same forward is what `torch.export` captures
+for the portable ONNX lowering (the slice bounds become data-dependent Slice nodes; only the final sum per token is
+written with gathers there, see dispatch.run_experts). A shared expert (split experts with shared neurons), when
+present, is added for every token.
 """
 
 from __future__ import annotations
@@ -93,7 +95,10 @@ class MoELayer(nn.Module):
         routed = self.router(x)
         dispatch = routed.dispatch
         flat = x.reshape(-1, x.shape[-1])
-        y, rows_per_token = run_experts(flat, dispatch, self.expert, weighted=self.combine == "weighted")
+        weighted = self.combine == "weighted"
+        learns = not weighted and torch.is_grad_enabled() and self.router.weight.requires_grad \
+            and not torch.compiler.is_exporting()
+        y, rows_per_token = run_experts(flat, dispatch, self.expert, weighted, routed.probs if learns else None)
         if self.output_bias is not None:  # once per token some expert processed: a dropped token's output stays 0
             reached = 1.0 if dispatch.reaches_every_token else (rows_per_token > 0).to(x.dtype).unsqueeze(1)
             y = y + reached * self.output_bias

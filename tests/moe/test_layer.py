@@ -157,6 +157,29 @@ def test_unweighted_combine_with_shared_output_bias():
         assert torch.allclose(y[t], expected, atol=1e-5)
 
 
+def test_unweighted_router_learns_straight_through_without_changing_the_output():
+    config = MoEConfig(num_experts=4, top_k=2, experts="split", combine="unweighted")
+    layer = random_layer(config, output_bias=True, router_scale=2.0)
+    x = _inputs()
+    with torch.no_grad():
+        expected = layer(x)
+    y = layer(x)
+    assert torch.equal(y, expected)  # 1 + p - sg(p) is exactly 1
+    direction = torch.randn_like(y)
+    (y * direction).sum().backward()
+    # dL/dp_{t,e} = <dL/dy_t, FFN_e(x_t)> for the chosen (t, e), 0 elsewhere; through the softmax into W_r
+    flat, d_out = x.reshape(-1, D), direction.reshape(-1, D)
+    weight = layer.router.weight.detach().clone().requires_grad_()
+    probs = torch.softmax(flat @ weight.T, dim=-1)
+    chosen = torch.zeros_like(probs).scatter_(1, router_probs(layer, x).topk(2, dim=-1).indices, 1.0)
+    with torch.no_grad():
+        outputs = torch.stack([expert_ffn(layer, e, flat) for e in range(4)], 1)  # [T, E, d]
+        d_probs = chosen * (outputs * d_out.unsqueeze(1)).sum(-1)
+    (probs * d_probs).sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+    assert torch.allclose(layer.router.weight.grad, weight.grad, atol=1e-5)
+
+
 def test_dropout_only_in_training():
     config = MoEConfig(num_experts=4)
     layer = random_layer(config)
