@@ -11,7 +11,8 @@ Calibration: 64 windows of 128 bytes from the training files (8,192 tokens); per
 bytes of the validation files (moe_compile.example_text). Every MoE runs top-k of E experts with
 token_choice routing, so each token runs k/E of the FFN neurons (shared ones included) at every row.
 Tables: the perplexity curve of three methods at 12.5-75% active; the ablation (each calibrated part added in
-turn, E = 8, 32, 64 at 25% and 50%); the sweep over shared neuron groups behind the default s = k // 8.
+turn, E = 8, 32, 64 at 25% and 50%); the sweep over shared neuron groups (the default, shared_experts='auto',
+chooses s among 0, k/4, k/2 and 3k/4 by the calibrated layers' held-out error).
 
 Writes benchmarks/results/split_experts_<variant>.json, then docs/split_experts.md (tables) and
 docs/split_experts.png (plot; needs matplotlib, the `plot` extra) from every variant's results present.
@@ -58,7 +59,7 @@ CURVE_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
 CURVE_METHODS = (("data-free (k-means, centroid)", DATA_FREE, False),
                  ("calibrated, training-free", dict(distill_steps=0), True),
                  ("calibrated + distillation", dict(), True))
-# calibrated, training-free, with s of the k active groups shared: the measurement behind the default s = k // 8
+# calibrated, training-free, with s of the k active groups shared: what 'auto' chooses from
 SHARED_SWEEP = ((32, 4), (32, 8), (32, 16), (64, 16), (64, 32))  # (E, k)
 SHARED_COUNTS = (0, 1, 2, 3, 4, 6, 8)
 SECTIONS = ("curve", "ablation", "shared")
@@ -137,6 +138,11 @@ def markdown(results: list[dict]) -> str:
         for method, _, _ in CURVE_METHODS:
             rows.append((method, *(_cell([r for r in result["curve"] if r["method"] == method
                                           and abs(r["active"] - f) < 1e-6], dense) for f in CURVE_FRACTIONS)))
+        rows.append(("shared groups s of k (auto)", *(
+            f"{r[0]['shared_experts']} of {r[0]['top_k']}" if (r := [x for x in result["curve"] if x["method"] ==
+                                                                      CURVE_METHODS[1][0] and
+                                                                      abs(x["active"] - f) < 1e-6]) else "-"
+            for f in CURVE_FRACTIONS)))
         lines += ["```", format_table(rows), "```", ""]
         if result.get("ablation"):
             combos = [(e, f) for e in ABLATION_EXPERTS for f in ABLATION_FRACTIONS]
@@ -144,7 +150,7 @@ def markdown(results: list[dict]) -> str:
                                        r["experts"] == e and abs(r["active"] - f) < 1e-6]
             rows = [("step", *(f"E={e} {f:.0%}" for e, f in combos))]
             rows += [(step, *(_cell(pick(step, e, f), dense) for e, f in combos)) for step, _, _ in ABLATION]
-            rows.append(("shared groups s of k (default k // 8)",
+            rows.append(("shared groups s of k",
                          *(f"{r[0]['shared_experts']} of {r[0]['top_k']}" if (r := pick("+ shared neurons", e, f))
                            else "-" for e, f in combos)))
             lines += ["Ablation (each row adds one part to the row above):", "", "```", format_table(rows), "```", ""]
@@ -163,10 +169,10 @@ def markdown(results: list[dict]) -> str:
             for experts, top_k in SHARED_SWEEP:
                 cells = {r["shared"]: r for r in result["shared"] if r["experts"] == experts and r["top_k"] == top_k}
                 rows.append((f"E={experts}, k={top_k}", *(
-                    f"{cells[s]['perplexity'] / dense - 1:+.1%}{'*' if s == top_k // 8 else ''}" if s in cells else ""
+                    f"{cells[s]['perplexity'] / dense - 1:+.1%}" if s in cells else ""
                     for s in SHARED_COUNTS)))
-            lines += ["Shared neuron groups (calibrated, training-free; s of the k active groups always on; "
-                      "* marks the default s = k // 8):", "", "```", format_table(rows), "```", ""]
+            lines += ["Shared neuron groups (calibrated, training-free; s of the k active groups always on):", "",
+                      "```", format_table(rows), "```", ""]
     return "\n".join(lines)
 
 

@@ -61,6 +61,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16} 
 EXPORT_SHAPE = (2, 16)  # [batch, seq] of the token ids for export and for convert's torch.export search
 CHECK_SHAPE = (3, 23)  # check runs another shape by default, so a graph fixed to the export shape fails
 
+def _shared_count(text: str):
+    if text == "auto" or text.isdigit():
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a count of neuron groups: give an integer >= 0, or auto")
+
+
 # MoEConfig fields settable from the command line: flag -> (type, help)
 CONFIG_FLAGS = {
     "num_experts": (int, "experts per FFN site (default 8)"),
@@ -72,7 +78,9 @@ CONFIG_FLAGS = {
     "capacity_factor": (float, "expert capacity factor (default: the routing's)"),
     "combine": (str, f"one of {', '.join(COMBINES)} (default unweighted for split, weighted for upcycle)"),
     "upcycle_noise": (float, "std of the noise added to upcycled experts, relative to the weights' (default 0)"),
-    "shared_experts": (int, "split: neuron groups always on, out of top_k (calibrated default top_k // 8, else 0)"),
+    "shared_experts": (_shared_count,
+                       "split: neuron groups always on, out of top_k, or 'auto' (calibrated default: the count of "
+                       "least held-out error of 0, k/4, k/2, 3k/4; else 0)"),
     "compensate": (bool, "split: a skipped expert adds its mean calibration output (calibrated default on)"),
     "distill_steps": (int, "split: optimiser steps per layer fitting experts to the dense FFN (calibrated default "
                            "200, else 0)"),

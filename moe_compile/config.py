@@ -21,7 +21,6 @@ EXPERT_BUILDERS = ("upcycle", "split")
 SPLIT_STRATEGIES = ("kmeans", "random", "contiguous", "coactivation")
 ROUTER_INITS = ("random", "centroid", "calibrated")
 NEEDS_CALIBRATION = {"split_strategy": "coactivation", "router_init": "calibrated"}
-ACTIVE_GROUPS_PER_SHARED = 8  # calibrated default: one of every 8 active neuron groups is shared (k // 8)
 CALIBRATED_DISTILL_STEPS = 200
 COMBINES = ("weighted", "unweighted")
 
@@ -52,7 +51,8 @@ class MoEConfig:
     experts: str = "upcycle"
     split_strategy: Optional[str] = None
     router_init: Optional[str] = None
-    shared_experts: Optional[int] = None  # split: neuron groups (of E) always on, out of the k active per token
+    shared_experts: Optional[Union[int, str]] = None  # split: neuron groups (of E) always on, out of the k active
+    #                                                    per token; "auto": chosen on the calibration data
     compensate: Optional[bool] = None  # split: a skipped expert adds its mean output on calibration data
     distill_steps: Optional[int] = None  # optimiser steps per layer fitting experts to the dense FFN output
     calibration_tokens: int = 8192  # token rows recorded per FFN site from the calibration data
@@ -143,9 +143,13 @@ class MoEConfig:
                 _fail(name, f"{name}={getattr(self, name)!r} applies to split experts, not {self.experts}",
                       f"Use experts='split', or leave {name} unset.")
         shared = self.shared_experts
-        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
-            _fail("shared_experts", f"got {shared!r}, it must be an integer >= 0", "Use 0 (no shared neurons) or 1.")
-        if shared and shared >= self.top_k:
+        if shared == "auto" and self.experts != "split":
+            _fail("shared_experts", f"shared_experts='auto' applies to split experts, not {self.experts}",
+                  "Use experts='split', or leave shared_experts unset.")
+        if shared != "auto" and (not isinstance(shared, int) or isinstance(shared, bool) or shared < 0):
+            _fail("shared_experts", f"got {shared!r}, it must be an integer >= 0 or 'auto'",
+                  "Use 0 (no shared neurons), 1, or 'auto' (chosen on calibration data).")
+        if shared != "auto" and shared and shared >= self.top_k:
             _fail("shared_experts", f"{shared} shared groups leave no routed expert among the top_k={self.top_k} "
                   "active per token", f"Use shared_experts <= {self.top_k - 1}, or raise top_k.")
         if self.compensate and self.combine != "unweighted":
@@ -164,14 +168,22 @@ class MoEConfig:
     @property
     def routed_experts(self) -> int:
         """Experts the router chooses among (split: E minus the neuron groups in the shared expert)."""
+        if self.shared_experts == "auto":
+            raise ValueError("MoEConfig.routed_experts: shared_experts='auto' is chosen by convert on calibration "
+                             "data; read the resolved config of the converted model (model.moe_report.config).")
         return self.num_experts - self.shared_experts
+
+    @property
+    def shared_choices(self) -> list[int]:
+        """The shared group counts 'auto' tries: 0, k/4, k/2 and 3k/4 of the k active groups (rounded, < k)."""
+        return sorted({round(self.top_k * q / 4) for q in range(4)} - {self.top_k})
 
     def with_calibration(self) -> "MoEConfig":
         """This config with its unset data-dependent fields at their calibrated defaults (split experts only)."""
         if self.experts != "split" or not self.unset:
             return self
         defaults = {"split_strategy": "coactivation", "router_init": "calibrated",
-                    "shared_experts": self.top_k // ACTIVE_GROUPS_PER_SHARED,
+                    "shared_experts": "auto" if self.top_k > 1 else 0,
                     "compensate": self.combine == "unweighted" and self.routing != "expert_choice",
                     "distill_steps": CALIBRATED_DISTILL_STEPS}
         return dataclasses.replace(self, **{name: defaults[name] for name in self.unset})

@@ -46,6 +46,8 @@ from moe_compile import MoEConfig, convert
     (dict(split_strategy="coactivation"), "split_strategy", "Use experts='split'"),
     (dict(experts="split", shared_experts=2, top_k=2), "shared_experts", "Use shared_experts <= 1"),
     (dict(experts="split", shared_experts=-1), "shared_experts", "Use 0 (no shared neurons)"),
+    (dict(experts="split", shared_experts="some"), "shared_experts", "or 'auto' (chosen on calibration data)"),
+    (dict(shared_experts="auto"), "shared_experts", "Use experts='split'"),
     (dict(experts="split", routing="switch", shared_experts=1, top_k=1), "shared_experts", "Use shared_experts <= 0"),
     (dict(experts="split", compensate=True, combine="weighted"), "compensate", "Use combine='unweighted'"),
     (dict(experts="split", compensate=True, routing="expert_choice"), "compensate", "Use routing='token_choice'"),
@@ -81,12 +83,12 @@ def test_calibrated_defaults_fill_only_unset_fields():
             data_free.distill_steps) == ("kmeans", "centroid", 0, False, 0)
     calibrated = data_free.with_calibration()
     assert (calibrated.split_strategy, calibrated.router_init, calibrated.shared_experts, calibrated.compensate,
-            calibrated.distill_steps) == ("coactivation", "calibrated", 1, True, 200)
+            calibrated.distill_steps) == ("coactivation", "calibrated", "auto", True, 200)
     explicit = MoEConfig(num_experts=8, top_k=2, experts="split", split_strategy="kmeans", shared_experts=0)
     assert (explicit.with_calibration().split_strategy, explicit.with_calibration().shared_experts) == ("kmeans", 0)
-    assert MoEConfig(num_experts=8, top_k=2, experts="split").with_calibration().shared_experts == 0
-    assert MoEConfig(num_experts=8, top_k=4, experts="split").with_calibration().shared_experts == 0
-    assert MoEConfig(num_experts=64, top_k=16, experts="split").with_calibration().shared_experts == 2
+    assert MoEConfig(num_experts=8, top_k=1, experts="split").with_calibration().shared_experts == 0
+    assert [MoEConfig(num_experts=16, top_k=k, experts="split").shared_choices for k in (1, 2, 4, 6, 8)] == \
+        [[0], [0, 1], [0, 1, 2, 3], [0, 2, 3, 4], [0, 2, 4, 6]]
     assert MoEConfig(num_experts=4, experts="upcycle").with_calibration() == MoEConfig(num_experts=4)
     assert MoEConfig.from_dict(calibrated.to_dict()) == calibrated
 

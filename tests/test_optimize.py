@@ -92,7 +92,9 @@ def test_optimize_meets_its_budget_with_an_ordinary_converted_model(optimized, n
     chosen = {p.site: p.choice for p in report.plan}
     layers = dict(mc.moe.iter_moe_layers(model))
     for site in model.moe_report.converted:
-        assert f"{layers[site.layer].router.top_k}/4" == chosen[site.name]
+        layer = layers[site.layer]
+        shared = 0 if layer.shared is None else layer.shared.width // layer.expert_width  # groups always on
+        assert f"{layer.router.top_k + shared}/4" == chosen[site.name]
         assert site.calibration  # the candidate's fit figures came with its layer
 
 

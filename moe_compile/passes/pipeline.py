@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..config import MoEConfig
 from ..errors import MoECompileError, NoFFNFoundError, first_line
 from ..model_io import EXAMPLE_INPUTS_HELP, Inputs, ModelInputs, as_model_inputs, default_inputs, widened
-from ..moe import MoELayer, SiteCalibration, build_moe_layer, split_problem
+from ..moe import MoELayer, SiteCalibration, build_moe_layer, choose_shared_experts, split_problem
 from .calibrate import distill, record_ffn_inputs
 from .capture import Call, as_projection, candidate_modules, export_module, record_calls, trace
 from .captured import CapturedBlock, Steps, find_by_steps
@@ -275,6 +275,17 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
     recorded = {} if not fitted else record_ffn_inputs(
         target, {name: ffns[name] for name in fitted}, batches, max(c.calibration_tokens for c in fitted.values()),
         config.seed, progress=progress is not False)
+    shared_errors = {}
+    for auto in {id(c): c for c in fitted.values() if c.shared_experts == "auto"}.values():
+        names = [s.report.name for s in todo if fitted.get(s.report.name) is auto]
+        seeds = {s.report.name: auto.seed + i for i, s in enumerate(todo)}
+        chosen, errors = choose_shared_experts(auto, [(ffns[n], recorded[n], seeds[n]) for n in names])
+        resolved = dataclasses.replace(auto, shared_experts=chosen)
+        shared_errors.update(zip(names, errors))
+        config = resolved if config is auto else config
+        layer_configs = {n: resolved if c is auto else c for n, c in layer_configs.items()}
+        configs = {n: resolved if c is auto else c for n, c in configs.items()}
+        fitted = {n: resolved if c is auto else c for n, c in fitted.items()}
     layers = []
     for i, site in enumerate(tqdm(todo, desc="building experts", unit="site", disable=not show)):
         ffn, site_config = ffns[site.report.name], configs[site.report.name]
@@ -284,6 +295,8 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
                       .train(site.module.training))
         if calibration is not None:
             site.report.calibration = calibration.results
+            for shared, error in shared_errors.get(site.report.name, {}).items():
+                site.report.calibration[f"error_{shared}_shared"] = error
 
     by_module: dict[str, list[tuple[_Site, nn.Module]]] = {}
     for site, layer in zip(todo, layers):

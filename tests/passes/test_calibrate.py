@@ -70,7 +70,7 @@ def test_calibration_defaults_beat_the_data_free_split(gpts, batches, validation
     calibrated = mc.convert(dense, config, calibration_data=batches, progress=False)
     resolved = calibrated.moe_report.config
     assert (resolved.split_strategy, resolved.router_init, resolved.compensate) == ("coactivation", "calibrated", True)
-    assert resolved.shared_experts == 1 and data_free.moe_report.config.shared_experts == 0  # 8 // 8
+    assert resolved.shared_experts in config.shared_choices and data_free.moe_report.config.shared_experts == 0
     assert mc.model_stats(calibrated).active_fraction == pytest.approx(0.25)
     assert _ppl(calibrated, validation) < _ppl(data_free, validation)
     for site in calibrated.moe_report.converted:
@@ -78,8 +78,8 @@ def test_calibration_defaults_beat_the_data_free_split(gpts, batches, validation
 
 
 def test_fine_grained_experts_in_every_part(gpts, batches):
-    dense = gpts["gelu"]  # d_ff 512: 128 experts of 4 neurons, 32 // 8 of them shared
-    config = mc.MoEConfig(num_experts=128, top_k=32, **SMALL, distill_steps=2)
+    dense = gpts["gelu"]  # d_ff 512: 128 experts of 4 neurons, 4 of them shared
+    config = mc.MoEConfig(num_experts=128, top_k=32, **SMALL, shared_experts=4, distill_steps=2)
     moe = mc.convert(dense, config, calibration_data=batches, progress=False)
     layer = next(layer for _, layer in iter_moe_layers(moe))
     assert (layer.num_experts, layer.expert_width, layer.shared.width) == (124, 4, 16)
@@ -87,6 +87,21 @@ def test_fine_grained_experts_in_every_part(gpts, batches):
     report = moe.moe_report.converted[0].calibration
     assert report["distill_error_after"] <= report["distill_error_before"]
     assert torch.isfinite(moe(batches[0][:2])).all()
+
+
+def test_auto_shared_experts_take_the_count_of_least_held_out_error(gpts, batches, tmp_path):
+    config = mc.MoEConfig(num_experts=16, top_k=4, **SMALL, distill_steps=0)
+    moe = mc.convert(gpts["swiglu"], config, calibration_data=batches, progress=False)
+    chosen = moe.moe_report.config.shared_experts
+    errors = [{s: site.calibration[f"error_{s}_shared"] for s in (0, 1, 2, 3)} for site in moe.moe_report.converted]
+    assert chosen == min((0, 1, 2, 3), key=lambda s: sum(site[s] for site in errors))
+    assert all(0 < error < 1 for site in errors for error in site.values())
+    layer = next(layer for _, layer in iter_moe_layers(moe))
+    assert layer.router.num_experts == 16 - chosen and (layer.shared is None) == (chosen == 0)
+    mc.save(moe, tmp_path / "auto")
+    assert mc.load(tmp_path / "auto").moe_report.config.shared_experts == chosen
+    with pytest.raises(ValueError, match="shared_experts='auto' is computed from activations. Pass calibration_data"):
+        mc.convert(gpts["swiglu"], dataclasses.replace(config, shared_experts="auto"), progress=False)
 
 
 def test_distillation_is_deterministic_and_does_not_hurt(gpts, batches):

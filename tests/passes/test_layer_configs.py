@@ -58,7 +58,10 @@ def test_calibration_fits_each_site_with_its_own_settings(nanogpt):
     assert not any(key.startswith("distill_") for key in second.calibration) and second.calibration
     assert moe.moe_report.config_of(SITES[1]).split_strategy == "coactivation"  # unset: the calibrated default
     layers = dict(mc.moe.iter_moe_layers(moe))
-    assert (layers[first.layer].num_experts, layers[second.layer].num_experts) == (4, 8)
+    shared = [moe.moe_report.config_of(site.name).shared_experts for site in (first, second)]  # "auto", resolved
+    assert all(isinstance(s, int) for s in shared) and all(f"error_{s}_shared" in site.calibration
+                                                            for s, site in zip(shared, (first, second)))
+    assert (layers[first.layer].num_experts + shared[0], layers[second.layer].num_experts + shared[1]) == (4, 8)
 
 
 def test_the_plan_saves_and_loads_bit_equal(nanogpt, ids, tmp_path):
