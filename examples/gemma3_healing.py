@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
             fields, trained = dict(num_experts=8, top_k=round(8 * fraction)), "moe"
             moe = mc.convert(dense, mc.MoEConfig(experts="split", **fields), calibration_data=calibration,
                              progress=False)
-            active = mc.model_stats(moe).active_fraction
+            active, fields["shared_experts"] = mc.model_stats(moe).active_fraction, moe.moe_report.config.shared_experts
+            name = f"{name}, {fields['shared_experts']} shared"
         row = {"model": name, "active": active, "config": fields, "convert_s": time.perf_counter() - start,
                "before": measure(moe, held_out, bos)}
         print(f"{name}: before healing {row['before']} ({row['convert_s']:.0f} s)", flush=True)

@@ -5,8 +5,9 @@
 optimize converts Gemma 3 270M once per candidate (k of 8 split experts for each --top-k, calibrated with the
 defaults on 4,096 tokens of training prose, as examples/gemma3_healing.py does), measures each layer's loss increase
 when it alone is converted, on other windows of the training prose, and chooses per layer dense or a candidate for
-the --budget of active FFN at the least predicted loss. Then the plan and the uniform split at the same budget
-(k = budget * 8 on every layer, converted again with the same calibration) are measured on held-out prose
+the --budget of active FFN (or of FFN latency, --cost latency) at the least predicted loss. Then the plan and the
+best uniform split within the same budget (the candidate k of largest cost that fits, on every layer, converted
+again with the same calibration) are measured on held-out prose
 (standard-library docstrings) and code (standard-library source), 8 windows of 256 tokens each, BOS first,
 beside the dense model; and the transformer body of each (no LM head: the FFNs are about a quarter of the whole
 model's FLOPs) is exported (target portable) and timed in ONNX Runtime on a 512-token prompt, 1 thread, in
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> dict:
     optimize_s = time.perf_counter() - start
     print(report, flush=True)
     start = time.perf_counter()
-    uniform_k = round(args.budget * 8)
+    # the best uniform setting within the same budget: the candidate of largest cost that fits (FLOPs or latency)
+    uniform_k = max(int(u["choice"].split("/")[0]) for u in report.uniform if u["cost"] <= args.budget + 1e-9)
     uniform = mc.convert(dense, mc.MoEConfig(experts="split", num_experts=8, top_k=uniform_k),
                          calibration_data=calibration, progress=False)
     uniform_s = time.perf_counter() - start

@@ -109,7 +109,8 @@ def main() -> None:
                               distill_steps=steps)
         start = time.perf_counter()
         moe = mc.convert(dense, config, calibration_data=data, progress=False)
-        label = f"split {experts}/{top_k}, {tokens:,} calibration tokens{f', {steps} distill steps' if steps else ''}"
+        label = (f"split {experts}/{top_k} ({moe.moe_report.config.shared_experts} shared), {tokens:,} calibration "
+                 f"tokens{f', {steps} distill steps' if steps else ''}")
         rows.append(measure(label, moe, time.perf_counter() - start))
         if heal_tokens:
             report = mc.heal(moe, dense, ids, tokens=heal_tokens, length=LENGTH, batch_size=8, loss="hidden", lr=1e-3,
