@@ -40,7 +40,7 @@ def build_moe_layer(ffn: DenseFFN, config: MoEConfig, seed: int,
 def choose_shared_experts(config: MoEConfig, sites: list[tuple[DenseFFN, torch.Tensor, int]]
                           ) -> tuple[int, list[dict[int, float]]]:
     """shared_experts='auto': the s of config.shared_choices whose calibrated layers (no distillation) have the
-    least mean held-out error over `sites` ((ffn, recorded inputs, seed) each), and each site's error per s,
+    least total held-out error over `sites` ((ffn, recorded inputs, seed) each), and each site's error per s,
 
         error_s = ||MoE_s(x) - FFN(x)||^2 / ||FFN(x) - mean FFN(x)||^2   over the calibration's held-out rows x.
 

@@ -89,7 +89,7 @@ def run_experts(flat: torch.Tensor, dispatch: Dispatch, expert: Callable[[int, t
     """y_t = sum over the computed rows r of token t of w_r expert(e_r, x_t) (w_r = 1 when not weighted), with
     `expert(e, rows)` run once per expert on its contiguous rows; returns (y [T, d], computed rows per token [T]).
 
-    probs [T, E], given when not weighted: the straight-through w_r = 1 + p - sg(p), p = probs[t_r, e_r], equal to
+    probs [T, E], given when not weighted: the straight-through w_r = (p - sg(p)) + 1, p = probs[t_r, e_r], equal to
     1 in value, so that the router still learns from the loss, dL/dp_{t,e} = <dL/dy_t, expert(e, x_t)>.
 
     The computed rows' tokens and gates are split by the counts (one Split each, no per-expert slice arithmetic,

@@ -276,10 +276,10 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
         target, {name: ffns[name] for name in fitted}, batches, max(c.calibration_tokens for c in fitted.values()),
         config.seed, progress=progress is not False)
     shared_errors = {}
-    for auto in {id(c): c for c in fitted.values() if c.shared_experts == "auto"}.values():
-        names = [s.report.name for s in todo if fitted.get(s.report.name) is auto]
-        seeds = {s.report.name: auto.seed + i for i, s in enumerate(todo)}
-        chosen, errors = choose_shared_experts(auto, [(ffns[n], recorded[n], seeds[n]) for n in names])
+    for auto in {id(c): c for c in fitted.values() if c.shared_experts == "auto"}.values():  # one count per config
+        members = [(i, s.report.name) for i, s in enumerate(todo) if fitted.get(s.report.name) is auto]
+        names = [name for _, name in members]
+        chosen, errors = choose_shared_experts(auto, [(ffns[n], recorded[n], auto.seed + i) for i, n in members])
         resolved = dataclasses.replace(auto, shared_experts=chosen)
         shared_errors.update(zip(names, errors))
         config = resolved if config is auto else config
