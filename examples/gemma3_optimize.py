@@ -125,8 +125,8 @@ def write_doc(result: dict) -> str:
                     for label, key in (("predicted", "predicted_perplexity"), ("measured", "perplexity"))]
     timed = "" if not latency else "\n\nThe layer latencies the plan was costed with (ONNX Runtime, portable, " \
         f"1 thread, {PROMPT} tokens):\n\n```\n" + format_table(
-            [("layer shape", *(f"{c} (ms)" for c in next(iter(report["latency_ms"].values()))))] +
-            [(shape, *(f"{t:.2f}" for t in ms.values())) for shape, ms in report["latency_ms"].items()]) + "\n```"
+            [("layer shape", "choice", "ms")] + [(shape, choice, f"{t:.2f}") for shape, ms in
+                                                 report["latency_ms"].items() for choice, t in ms.items()]) + "\n```"
     machine = result["machine"]
     text = f"""# Per-layer sparsity for Gemma 3 270M (`optimize`, {"latency" if latency else "FLOP"} budget)
 

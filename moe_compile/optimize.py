@@ -76,7 +76,7 @@ class OptimizeReport:
     predicted_cost: float  # the plan's cost as a share of the dense FFN cost (= active with cost="flops")
     uniform: list[dict[str, Any]]  # every candidate on every site: choice, active, cost, perplexity (measured)
     frontier: list[tuple[float, float]]  # (cost share, predicted perplexity) of the best plan at each cost
-    latency_ms: dict[str, dict[str, float]]  # cost="latency": layer shape -> choice -> milliseconds
+    latency_ms: dict[str, dict[str, float]]  # cost="latency": layer shape -> choice ("dense", "k/E, s shared") -> ms
     seconds: float
 
     def table(self) -> str:
@@ -94,9 +94,8 @@ class OptimizeReport:
                             f"{perplexity:.3f}", f"{perplexity / ratio:.3f}x"))
         tables = [format_table(rows), format_table(summary)]
         if latency:
-            choices = list(next(iter(self.latency_ms.values())))
-            tables.append(format_table([("layer shape", *(f"{c} (ms)" for c in choices))] + [
-                (shape, *(f"{ms[c]:.3f}" for c in choices)) for shape, ms in self.latency_ms.items()]))
+            tables.append(format_table([("layer shape", "choice", "ms")] + [
+                (shape, choice, f"{t:.3f}") for shape, ms in self.latency_ms.items() for choice, t in ms.items()]))
         return "\n\n".join(tables)
 
     def __str__(self) -> str:
@@ -180,7 +179,7 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
         steps.update()
     steps.close()
 
-    shares = np.array([[site_stats(site, c.config).active_fraction for c in converted] for site in sites])
+    shares = np.array([[site_stats(site, c.configs[site.name]).active_fraction for c in converted] for site in sites])
     if cost == "flops":
         dense_flops = np.array([[site_stats(site, None).dense_flops] for site in sites], dtype=float)
         costs, latency_ms = dense_flops * np.concatenate([np.ones((len(sites), 1)), shares], axis=1), {}
@@ -190,7 +189,7 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
         entry["cost"] = float(costs[:, j + 1].sum() / costs[:, 0].sum())
     choices, frontier = _plan(increases, costs, budget, quality)
     choice_of = {site.name: j for site, j in zip(sites, choices)}
-    plan_configs = {name: None if j < 0 else converted[j].config for name, j in choice_of.items()}
+    plan_configs = {name: None if j < 0 else converted[j].configs[name] for name, j in choice_of.items()}
     base = converted[max(set(choices) - {-1}, key=choices.count)].config  # the report's config: the most chosen
     built = convert(model, base, layer_configs=plan_configs, example_inputs=example_inputs, weights_follow=True,
                     progress=False).eval()
@@ -220,7 +219,8 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
 class _Candidate:
     """One candidate conversion, reduced to its MoE layers by site."""
 
-    config: MoEConfig  # resolved (calibrated defaults filled in)
+    config: MoEConfig  # resolved (calibrated defaults filled in), the model-wide one
+    configs: dict[str, MoEConfig]  # each site's own (shared_experts='auto' resolves per site)
     layers: dict[str, nn.Module]
     calibration: dict[str, dict[str, float]]
     active: float
@@ -228,7 +228,8 @@ class _Candidate:
     @classmethod
     def of(cls, moe: nn.Module) -> "_Candidate":
         report = moe.moe_report
-        return cls(report.config, {s.name: moe.get_submodule(s.layer) for s in report.converted},
+        return cls(report.config, {s.name: report.config_of(s.name) for s in report.converted},
+                   {s.name: moe.get_submodule(s.layer) for s in report.converted},
                    {s.name: s.calibration for s in report.converted}, model_stats(moe).active_fraction)
 
     @property
@@ -272,32 +273,39 @@ class _Dense(nn.Module):
 def _latencies(sites: list[SiteReport], reference: nn.Module, candidates: list[_Candidate], target: str,
                threads: int, tokens: int, progress: bool) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
     """costs[s]: seconds of site s's layer dense, then with each candidate, on `tokens` tokens in ONNX Runtime;
-    and the milliseconds by layer shape. Each shape is exported for `target` and timed once, its choices side by
-    side in round-robin blocks."""
+    and the milliseconds by layer shape and choice. Each layer shape is exported for `target` dense and with every
+    choice its sites take (a candidate's shared group count can differ between sites), and timed once, side by side
+    in round-robin blocks."""
+    def choice(j: int, site: SiteReport) -> str:
+        return f"{candidates[j].label}, {candidates[j].configs[site.name].shared_experts} shared"
+
     shape_of = {}
     for site in sites:
         layer = reference.get_submodule(site.layer)
         shape_of[site.name] = (f"d {site.d_model}, d_ff {site.d_ff}, {'gated ' if site.gated else ''}"
                                f"{activation_name(layer.activation)}{', bias' if site.bias else ''}")
-    first = {shape: next(s for s in sites if shape_of[s.name] == shape) for shape in dict.fromkeys(shape_of.values())}
-    seconds = {}
+    modules: dict[str, dict[str, nn.Module]] = {}  # shape -> choice -> a layer of that shape and choice
+    for site in sites:
+        timed = modules.setdefault(shape_of[site.name], {"dense": _Dense(reference.get_submodule(site.layer))})
+        for j, candidate in enumerate(candidates):
+            timed.setdefault(choice(j, site), candidate.layers[site.name])
+    latency_ms = {}
     with tempfile.TemporaryDirectory() as workdir:
-        for i, (shape, site) in enumerate(tqdm(first.items(), desc="timing layers", unit="shape",
-                                               disable=not progress)):
+        for i, (shape, timed) in enumerate(tqdm(modules.items(), desc="timing layers", unit="shape",
+                                                disable=not progress)):
+            site = next(s for s in sites if shape_of[s.name] == shape)
             x = torch.randn(1, tokens, site.d_model, generator=torch.Generator().manual_seed(0))
-            modules = [_Dense(reference.get_submodule(site.layer))] + [c.layers[site.name] for c in candidates]
             calls = {}
-            for j, module in enumerate(modules):
+            for j, (label, module) in enumerate(timed.items()):
                 path = Path(workdir) / f"{i}-{j}.onnx"
                 export(module, x, path, target=target)
                 session = ort_session(path, threads)
-                calls[j] = lambda session=session, feed={session.get_inputs()[0].name: x.numpy()}: \
+                calls[label] = lambda session=session, feed={session.get_inputs()[0].name: x.numpy()}: \
                     session.run(None, feed)
-            timed = time_round_robin(calls, blocks=5, per_block=3)
-            seconds[shape] = [timed[j] for j in range(len(modules))]
-    labels = ["dense"] + [c.label for c in candidates]
-    latency_ms = {shape: {label: 1e3 * t for label, t in zip(labels, times)} for shape, times in seconds.items()}
-    return np.array([seconds[shape_of[site.name]] for site in sites]), latency_ms
+            latency_ms[shape] = {label: 1e3 * t for label, t in time_round_robin(calls, blocks=5, per_block=3).items()}
+    costs = [[latency_ms[shape_of[site.name]]["dense"]] + [latency_ms[shape_of[site.name]][choice(j, site)]
+                                                           for j in range(len(candidates))] for site in sites]
+    return np.array(costs) / 1e3, latency_ms
 
 
 class _swapped:

@@ -233,6 +233,7 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
                               f"{', '.join(already[:3])}{', ...' if len(already) > 3 else ''}). Train or export it "
                               "as it is, or convert the dense model it came from.")
     layer_configs = _checked_layer_configs(layer_configs)
+    given_names = set(layer_configs)
     given = None if example_inputs is None else as_model_inputs(example_inputs, "convert(example_inputs=...)")
     batches = None if calibration_data is None else list(calibration_data)
     target = model if inplace else copy.deepcopy(model)
@@ -276,16 +277,13 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
         target, {name: ffns[name] for name in fitted}, batches, max(c.calibration_tokens for c in fitted.values()),
         config.seed, progress=progress is not False)
     shared_errors = {}
-    for auto in {id(c): c for c in fitted.values() if c.shared_experts == "auto"}.values():  # one count per config
-        members = [(i, s.report.name) for i, s in enumerate(todo) if fitted.get(s.report.name) is auto]
-        names = [name for _, name in members]
-        chosen, errors = choose_shared_experts(auto, [(ffns[n], recorded[n], auto.seed + i) for i, n in members])
-        resolved = dataclasses.replace(auto, shared_experts=chosen)
-        shared_errors.update(zip(names, errors))
-        config = resolved if config is auto else config
-        layer_configs = {n: resolved if c is auto else c for n, c in layer_configs.items()}
-        configs = {n: resolved if c is auto else c for n, c in configs.items()}
-        fitted = {n: resolved if c is auto else c for n, c in fitted.items()}
+    for i, site in enumerate(todo):  # shared_experts='auto': each site its own count, chosen on its data
+        name = site.report.name
+        if name in fitted and fitted[name].shared_experts == "auto":
+            chosen, shared_errors[name] = choose_shared_experts(fitted[name], ffns[name], recorded[name],
+                                                                fitted[name].seed + i)
+            configs[name] = fitted[name] = dataclasses.replace(fitted[name], shared_experts=chosen)
+    config, layer_configs = _recorded_configs(config, layer_configs, configs)
     layers = []
     for i, site in enumerate(tqdm(todo, desc="building experts", unit="site", disable=not show)):
         ffn, site_config = ffns[site.report.name], configs[site.report.name]
@@ -324,7 +322,7 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
                 site.report.reason = f"rewrote {module_name or '<root>'}'s fx graph to call an MoELayer"
         for site, _ in pairs:
             site.report.action = "converted"
-            if site.report.name in layer_configs:
+            if site.report.name in given_names:
                 own = layer_configs[site.report.name]
                 site.report.reason += f"; {own.experts} {own.top_k} of {own.num_experts} experts by layer_configs"
             if site.match.hidden_dropout is not None:
@@ -347,6 +345,20 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
                                          layer_configs=layer_configs,
                                          example_inputs=None if given is None else given.to_spec())
     return target
+
+
+def _recorded_configs(config: MoEConfig, layer_configs: dict[str, Optional[MoEConfig]],
+                      configs: dict[str, MoEConfig]) -> tuple[MoEConfig, dict[str, Optional[MoEConfig]]]:
+    """The (config, layer_configs) a converted model records once 'auto' shared counts are resolved per site: the
+    sites of the model-wide config share its most common count (the fewer shared groups on a tie), the others
+    are listed in layer_configs with their own."""
+    layer_configs = {name: configs.get(name, c) for name, c in layer_configs.items()}
+    own = {name: c for name, c in configs.items() if name not in layer_configs}
+    if config.shared_experts == "auto" and own:
+        counts = [c.shared_experts for c in own.values()]
+        config = dataclasses.replace(config, shared_experts=min(set(counts), key=lambda s: (-counts.count(s), s)))
+        layer_configs.update({name: c for name, c in own.items() if c.shared_experts != config.shared_experts})
+    return config, layer_configs
 
 
 def _checked_layer_configs(layer_configs: Optional[Mapping[str, Optional[MoEConfig]]]

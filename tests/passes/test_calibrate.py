@@ -89,19 +89,30 @@ def test_fine_grained_experts_in_every_part(gpts, batches):
     assert torch.isfinite(moe(batches[0][:2])).all()
 
 
-def test_auto_shared_experts_take_the_count_of_least_held_out_error(gpts, batches, tmp_path):
+def test_auto_shared_experts_take_each_sites_count_of_least_held_out_error(gpts, batches, tmp_path):
     config = mc.MoEConfig(num_experts=16, top_k=4, **SMALL, distill_steps=0)
     moe = mc.convert(gpts["swiglu"], config, calibration_data=batches, progress=False)
-    chosen = moe.moe_report.config.shared_experts
-    errors = [{s: site.calibration[f"error_{s}_shared"] for s in (0, 1, 2, 3)} for site in moe.moe_report.converted]
-    assert chosen == min((0, 1, 2, 3), key=lambda s: sum(site[s] for site in errors))
-    assert all(0 < error < 1 for site in errors for error in site.values())
-    layer = next(layer for _, layer in iter_moe_layers(moe))
-    assert layer.router.num_experts == 16 - chosen and (layer.shared is None) == (chosen == 0)
+    report = moe.moe_report
+    chosen = {}
+    for site in report.converted:
+        errors = {s: site.calibration[f"error_{s}_shared"] for s in (0, 1, 2, 3)}
+        assert all(0 < error < 1 for error in errors.values())
+        chosen[site.name] = min(errors, key=errors.get)
+        layer = moe.get_submodule(site.layer)
+        assert report.config_of(site.name).shared_experts == chosen[site.name]
+        assert layer.router.num_experts == 16 - chosen[site.name]
+        assert (layer.shared is None) == (chosen[site.name] == 0)
+    counts = list(chosen.values())
+    assert report.config.shared_experts == max(sorted(set(counts)), key=counts.count)  # the model-wide count
+    assert set(report.layer_configs) == {name for name, s in chosen.items() if s != report.config.shared_experts}
     mc.save(moe, tmp_path / "auto")
-    assert mc.load(tmp_path / "auto").moe_report.config.shared_experts == chosen
+    loaded = mc.load(tmp_path / "auto")
+    assert {site.name: loaded.moe_report.config_of(site.name).shared_experts for site in report.converted} == chosen
+    for (name, x), (_, y) in zip(moe.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(x, y), name
     with pytest.raises(ValueError, match="shared_experts='auto' is computed from activations. Pass calibration_data"):
-        mc.convert(gpts["swiglu"], dataclasses.replace(config, shared_experts="auto"), progress=False)
+        mc.convert(gpts["swiglu"], mc.MoEConfig(num_experts=16, top_k=4, experts="split", shared_experts="auto"),
+                   progress=False)
 
 
 def test_distillation_is_deterministic_and_does_not_hurt(gpts, batches):
