@@ -1,13 +1,15 @@
 """Per-layer sparsity for a real pretrained LLM: `moe_compile.optimize` on Gemma 3 270M, against uniform splits.
 
     python examples/gemma3_optimize.py --budget 0.5          # needs the `gguf` extra (and `plot` for the PNG)
+    python examples/gemma3_optimize.py --cost latency --budget 4/8     # at the latency of uniform 8/4
 
 optimize converts Gemma 3 270M once per candidate (k of 8 split experts for each --top-k, calibrated with the
 defaults on 4,096 tokens of training prose, as examples/gemma3_healing.py does), measures each layer's loss increase
 when it alone is converted, on other windows of the training prose, and chooses per layer dense or a candidate for
-the --budget of active FFN (or of FFN latency, --cost latency) at the least predicted loss. Then the plan and the
-best uniform split within the same budget (the candidate k of largest cost that fits, on every layer, converted
-again with the same calibration) are measured on held-out prose
+the --budget of active FFN (or of FFN latency, --cost latency; or "k/8": the cost of uniform 8/k measured in the
+same run) at the least predicted loss. Then the plan and the best uniform split within the same budget (the
+candidate k of largest cost that fits, on every layer, converted again with the same calibration) are measured on
+held-out prose
 (standard-library docstrings) and code (standard-library source), 8 windows of 256 tokens each, BOS first,
 beside the dense model; and the transformer body of each (no LM head: the FFNs are about a quarter of the whole
 model's FLOPs) is exported (target portable) and timed in ONNX Runtime on a 512-token prompt, 1 thread, in
@@ -75,14 +77,15 @@ def run(args: argparse.Namespace) -> dict:
     print(report, flush=True)
     start = time.perf_counter()
     # the best uniform setting within the same budget: the candidate of largest cost that fits (FLOPs or latency)
-    uniform_k = max(int(u["choice"].split("/")[0]) for u in report.uniform if u["cost"] <= args.budget + 1e-9)
+    uniform_k = int(report.budget_of.split("/")[0]) if report.budget_of else max(
+        int(u["choice"].split("/")[0]) for u in report.uniform if u["cost"] <= report.budget + 1e-9)
     uniform = mc.convert(dense, mc.MoEConfig(experts="split", num_experts=8, top_k=uniform_k),
                          calibration_data=calibration, progress=False)
     uniform_s = time.perf_counter() - start
     for name, model in (("plan", moe), ("uniform", uniform)):
         mc.save(model, CACHE.parent / "gemma3-optimize" / f"{name}{suffix(args.cost)}")
     models = {"dense": (dense, None), f"uniform split 8/{uniform_k}": (uniform, uniform_s),
-              f"optimize, {args.cost} budget {args.budget:.0%}": (moe, optimize_s)}
+              f"optimize, {args.cost} budget {budget_label(report)}": (moe, optimize_s)}
     with tempfile.TemporaryDirectory() as workdir:
         latency = body_latency({name: model for name, (model, _) in models.items()}, Path(workdir))
     rows = [{"model": name, "active": mc.model_stats(model).active_fraction if seconds is not None else 1.0,
@@ -96,6 +99,10 @@ def run(args: argparse.Namespace) -> dict:
     (DOCS / f"gemma3_optimize{suffix(args.cost)}.json").write_text(json.dumps(result, indent=1) + "\n")
     report.plot(DOCS / f"gemma3_optimize{suffix(args.cost)}.png")
     return result
+
+
+def budget_label(report) -> str:
+    return f"{report.budget:.1%}" + (f" (uniform {report.budget_of.replace('/', ' of ')})" if report.budget_of else "")
 
 
 def suffix(cost: str) -> str:
@@ -166,7 +173,8 @@ On the sensitivity windows (where the plan was chosen, so its figure there is op
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=0.5, help="share of the dense FFN cost (0.5)")
+    parser.add_argument("--budget", type=lambda text: text if "/" in text else float(text), default=0.5,
+                        help="share of the dense FFN cost, or k/8: that of uniform 8/k (0.5)")
     parser.add_argument("--cost", choices=["flops", "latency"], default="flops",
                         help="the budget's cost: FFN FLOPs, or FFN latency in ONNX Runtime (flops)")
     parser.add_argument("--top-k", type=int, nargs="+", default=[2, 4, 6], help="candidate k of 8 (2 4 6)")

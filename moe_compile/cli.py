@@ -67,6 +67,17 @@ def _shared_count(text: str):
     raise argparse.ArgumentTypeError(f"{text!r} is not a count of neuron groups: give an integer >= 0, or auto")
 
 
+def _budget(text: str):
+    """optimize --budget: a share of the dense cost, or a candidate's k/E (kept as text for optimize)."""
+    if "/" in text:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a budget: give a share of the dense FFN cost (e.g. 0.5) "
+                                         "or a candidate's k/E (e.g. 4/8)") from None
+
+
 # MoEConfig fields settable from the command line: flag -> (type, help)
 CONFIG_FLAGS = {
     "num_experts": (int, "experts per FFN site (default 8)"),
@@ -162,8 +173,9 @@ def _parser() -> argparse.ArgumentParser:
                     "(perplexity as a multiple of dense). Saves the model to --out.")
     _add_source(optimizing, saved=False)
     goal = optimizing.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--budget", type=float, metavar="F",
-                      help="share of the dense FFN cost (e.g. 0.5): FLOPs, or latency with --cost latency")
+    goal.add_argument("--budget", type=_budget, metavar="F|K/E",
+                      help="share of the dense FFN cost (e.g. 0.5): FLOPs, or latency with --cost latency; or a "
+                           "candidate (e.g. 4/8): its cost on every layer, measured in the same run")
     goal.add_argument("--quality", type=float, metavar="Q", help="perplexity allowed, a multiple of dense (e.g. 1.5)")
     optimizing.add_argument("--out", required=True, metavar="DIR", help="directory to save the converted model to")
     optimizing.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 4, 6], metavar="K",

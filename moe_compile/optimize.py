@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ class SitePlan:
 class OptimizeReport:
     cost: str  # "flops" or "latency": what the budget is a share of
     budget: Optional[float]  # share of the dense FFN cost asked for, or None for a quality budget
+    budget_of: Optional[str]  # the candidate ("k/E") whose uniform cost, measured in this run, set the budget
     quality: Optional[float]  # perplexity ratio asked for, or None
     dense_perplexity: float
     reference_perplexity: float  # split k = E, which should equal dense
@@ -102,7 +103,7 @@ class OptimizeReport:
         return self.table()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cost": self.cost, "budget": self.budget, "quality": self.quality,
+        return {"cost": self.cost, "budget": self.budget, "budget_of": self.budget_of, "quality": self.quality,
                 "dense_perplexity": self.dense_perplexity, "reference_perplexity": self.reference_perplexity,
                 "plan": [vars(p) for p in self.plan], "predicted_perplexity": self.predicted_perplexity,
                 "perplexity": self.perplexity, "active": self.active, "predicted_cost": self.predicted_cost,
@@ -136,14 +137,15 @@ class OptimizeReport:
 
 
 def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.Tensor, *,
-             budget: Optional[float] = None, quality: Optional[float] = None,
+             budget: Union[float, str, None] = None, quality: Optional[float] = None,
              candidates: Optional[Sequence[MoEConfig]] = None, length: int = 128, windows: int = 16,
              bos: Optional[int] = None, example_inputs: Optional[Inputs] = None, cost: str = "flops",
              target: str = "portable", threads: int = 1, latency_tokens: int = 512,
              progress: bool = True) -> tuple[nn.Module, OptimizeReport]:
     """The converted model whose per-site settings meet `budget` (share of the dense FFN cost, 0 to 1: FLOPs, or
-    ONNX Runtime latency with cost="latency") at the least predicted loss, or `quality` (perplexity at most this
-    multiple of dense) at the least cost; and the report. Give exactly one of the two.
+    ONNX Runtime latency with cost="latency"; or a candidate's "k/E": the cost of that candidate on every site, as
+    measured in this run) at the least predicted loss, or `quality` (perplexity at most this multiple of dense) at
+    the least cost; and the report. Give exactly one of the two.
 
     calibration_data: batches, as for convert. held_out: token ids [n], scored in `windows` windows of `length`
     (each led by `bos` when given), apart from the calibration text. candidates: split MoEConfigs a site may take
@@ -187,6 +189,10 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
         costs, latency_ms = _latencies(sites, reference, converted, target, threads, latency_tokens, progress)
     for j, entry in enumerate(uniform):
         entry["cost"] = float(costs[:, j + 1].sum() / costs[:, 0].sum())
+    budget_of = budget if isinstance(budget, str) else None
+    if budget_of is not None:  # that candidate on every site, in the plan's integer units, so it fits exactly
+        dense_units, units = _units(costs)[:, [0, 1 + [c.label for c in converted].index(budget_of)]].sum(0)
+        budget = float(units / dense_units)
     choices, frontier = _plan(increases, costs, budget, quality)
     choice_of = {site.name: j for site, j in zip(sites, choices)}
     plan_configs = {name: None if j < 0 else converted[j].configs[name] for name, j in choice_of.items()}
@@ -204,7 +210,7 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
                      dict(zip(labels, map(float, increases[i]))))
             for i, (site, j) in enumerate(zip(sites, choices))]
     report = OptimizeReport(
-        cost=cost, budget=budget, quality=quality, dense_perplexity=math.exp(dense_loss),
+        cost=cost, budget=budget, budget_of=budget_of, quality=quality, dense_perplexity=math.exp(dense_loss),
         reference_perplexity=math.exp(reference_loss), plan=plan,
         predicted_perplexity=math.exp(reference_loss + sum(p.predicted_increase for p in plan)),
         perplexity=math.exp(evaluate(built)), active=model_stats(built).active_fraction,
@@ -234,7 +240,11 @@ class _Candidate:
 
     @property
     def label(self) -> str:
-        return f"{self.config.top_k}/{self.config.num_experts}"
+        return _label(self.config)
+
+
+def _label(config: MoEConfig) -> str:
+    return f"{config.top_k}/{config.num_experts}"
 
 
 class _Scorer:
@@ -324,7 +334,7 @@ class _swapped:
             self.model.set_submodule(name, module)
 
 
-def _checked(budget: Optional[float], quality: Optional[float], candidates: Optional[Sequence[MoEConfig]],
+def _checked(budget: Union[float, str, None], quality: Optional[float], candidates: Optional[Sequence[MoEConfig]],
              cost: str, target: str, threads: int, latency_tokens: int) -> list[MoEConfig]:
     if cost not in COSTS:
         raise ValueError(f"optimize: cost={cost!r} is unknown; use 'flops' (the FFN FLOPs per token) or 'latency' "
@@ -337,9 +347,9 @@ def _checked(budget: Optional[float], quality: Optional[float], candidates: Opti
     if (budget is None) == (quality is None):
         raise ValueError("optimize: give exactly one of budget= (the active FFN share, e.g. 0.5) and quality= (the "
                          "perplexity allowed as a multiple of dense, e.g. 1.5).")
-    if budget is not None and not 0 < budget <= 1:
+    if budget is not None and not isinstance(budget, str) and not 0 < budget <= 1:
         raise ValueError(f"optimize: budget={budget!r} is not an active FFN share; use a number in (0, 1], "
-                         "e.g. 0.5 for half the FFN FLOPs.")
+                         "e.g. 0.5 for half the FFN FLOPs, or a candidate's 'k/E'.")
     if quality is not None and not quality >= 1:
         raise ValueError(f"optimize: quality={quality!r} is not a perplexity ratio to dense; use a number >= 1, "
                          "e.g. 1.5.")
@@ -352,6 +362,10 @@ def _checked(budget: Optional[float], quality: Optional[float], candidates: Opti
         if not isinstance(config, MoEConfig) or config.experts != "split":
             raise ValueError(f"optimize: every candidate must be a MoEConfig with experts='split' (a share of the "
                              f"FFN per token), got {config!r}.")
+    labels = [_label(c) for c in candidates]
+    if isinstance(budget, str) and budget not in labels:
+        raise ValueError(f"optimize: budget={budget!r} names no candidate; a budget is a share of the dense FFN "
+                         f"cost (e.g. 0.5) or one of the candidates {', '.join(labels)} (its cost on every site).")
     return candidates
 
 

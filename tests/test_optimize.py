@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -126,9 +128,12 @@ def test_a_latency_budget_is_met_in_onnx_runtime_time(text):
     dense = wide_gpt2()
     batches = calibration_batches(length=16, count=4, batch_size=4, data=text[:2000])
     candidates = [mc.MoEConfig(experts="split", num_experts=4, top_k=k, distill_steps=2) for k in (1, 2)]
-    model, report = optimize(dense, batches, text[2000:], budget=0.75, candidates=candidates, length=16, windows=2,
+    model, report = optimize(dense, batches, text[2000:], budget="2/4", candidates=candidates, length=16, windows=2,
                              cost="latency", latency_tokens=256, progress=False)
-    assert report.cost == "latency" and report.predicted_cost <= 0.75
+    uniform = {u["choice"]: u["cost"] for u in report.uniform}
+    assert report.cost == "latency" and report.budget_of == "2/4"
+    assert report.budget == pytest.approx(uniform["2/4"], abs=1e-4)
+    assert report.predicted_cost <= report.budget + 1e-4  # at most the latency of split 2/4 on every layer
     (shape, ms), = report.latency_ms.items()  # both sites have one shape: timed once per choice
     assert shape == "d 256, d_ff 4096, gelu_tanh, bias" and {"dense", "1/4, 0 shared"} < set(ms)
     assert all(t > 0 for t in ms.values())
@@ -148,6 +153,7 @@ def test_a_latency_budget_is_met_in_onnx_runtime_time(text):
     ({"budget": 0.5, "candidates": [mc.MoEConfig()]}, ValueError, "experts='split'"),
     ({"budget": 0.1, "candidates": CANDIDATES[1:]}, mc.MoECompileError, "no plan meets budget=0.1"),
     ({"budget": 0.5, "cost": "time"}, ValueError, "cost='time' is unknown"),
+    ({"budget": "3/8"}, ValueError, "budget='3/8' names no candidate"),
     ({"budget": 0.5, "cost": "latency", "target": "tensorrt"}, ValueError, "not 'tensorrt'"),
 ])
 def test_bad_budgets_and_candidates_name_the_problem(nanogpt, text, settings, error, message):
@@ -162,11 +168,19 @@ def test_a_quality_no_candidate_meets_is_refused():
         _plan(increases, np.array([[1.0, 0.25, 0.5]] * 3), None, 1.0)
 
 
-def test_the_cli_saves_the_plan(tmp_path, capsys):
-    code = main(["optimize", "--example", "nanogpt", "--budget", "0.5", "--num-experts", "4", "--top-k", "1", "2",
+@pytest.mark.parametrize("budget", ["0.5", "2/4"])
+def test_the_cli_saves_the_plan(budget, tmp_path, capsys):
+    code = main(["optimize", "--example", "nanogpt", "--budget", budget, "--num-experts", "4", "--top-k", "1", "2",
                  "--distill-steps", "2", "--calibration-windows", "4", "--windows", "2", "--length", "16",
                  "--out", str(tmp_path / "plan"), "--json", str(tmp_path / "plan.json")])
     assert code == 0
     assert "plan (measured)" in capsys.readouterr().out
-    assert mc.model_stats(mc.load(tmp_path / "plan")).active_fraction <= 0.5
-    assert (tmp_path / "plan.json").is_file()
+    assert mc.model_stats(mc.load(tmp_path / "plan")).active_fraction <= 0.5 + 1e-9
+    assert json.loads((tmp_path / "plan.json").read_text())["budget_of"] == (None if budget == "0.5" else budget)
+
+
+def test_the_cli_refuses_a_budget_that_is_neither_a_share_nor_a_candidate(capsys):
+    with pytest.raises(SystemExit):
+        main(["optimize", "--example", "nanogpt", "--budget", "half", "--out", "plan"])
+    assert "'half' is not a budget: give a share of the dense FFN cost (e.g. 0.5) or a candidate's k/E" in \
+        capsys.readouterr().err
