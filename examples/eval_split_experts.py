@@ -12,7 +12,8 @@ bytes of the validation files (moe_compile.example_text). Every MoE runs top-k o
 token_choice routing, so each token runs k/E of the FFN neurons (shared ones included) at every row.
 Tables: the perplexity curve of three methods at 12.5-75% active; the ablation (each calibrated part added in
 turn, E = 8, 32, 64 at 25% and 50%); the sweep over shared neuron groups (the default, shared_experts='auto',
-chooses s among 0, k/4, k/2 and 3k/4 by the calibrated layers' held-out error).
+chooses s per layer among 0, k/4, k/2 and 3k/4 by the calibrated layer's held-out error; "a-b": the layers
+chose from a to b).
 
 Writes benchmarks/results/split_experts_<variant>.json, then docs/split_experts.md (tables) and
 docs/split_experts.png (plot; needs matplotlib, the `plot` extra) from every variant's results present.
@@ -29,7 +30,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from moe_compile.evaluate import evaluate_split
+from moe_compile.evaluate import evaluate_split, shared_label
 from moe_compile.example_models import load_checkpoint
 from moe_compile.example_text import calibration_batches, perplexity, stdlib_bytes
 from moe_compile.table import format_table
@@ -139,7 +140,7 @@ def markdown(results: list[dict]) -> str:
             rows.append((method, *(_cell([r for r in result["curve"] if r["method"] == method
                                           and abs(r["active"] - f) < 1e-6], dense) for f in CURVE_FRACTIONS)))
         rows.append(("shared groups s of k (auto)", *(
-            f"{r[0]['shared_experts']} of {r[0]['top_k']}" if (r := [x for x in result["curve"] if x["method"] ==
+            f"{shared_label(r[0])} of {r[0]['top_k']}" if (r := [x for x in result["curve"] if x["method"] ==
                                                                       CURVE_METHODS[1][0] and
                                                                       abs(x["active"] - f) < 1e-6]) else "-"
             for f in CURVE_FRACTIONS)))
@@ -151,7 +152,7 @@ def markdown(results: list[dict]) -> str:
             rows = [("step", *(f"E={e} {f:.0%}" for e, f in combos))]
             rows += [(step, *(_cell(pick(step, e, f), dense) for e, f in combos)) for step, _, _ in ABLATION]
             rows.append(("shared groups s of k",
-                         *(f"{r[0]['shared_experts']} of {r[0]['top_k']}" if (r := pick("+ shared neurons", e, f))
+                         *(f"{shared_label(r[0])} of {r[0]['top_k']}" if (r := pick("+ shared neurons", e, f))
                            else "-" for e, f in combos)))
             lines += ["Ablation (each row adds one part to the row above):", "", "```", format_table(rows), "```", ""]
             recall = [(e, f, r[0]["router_recall_held_out"]) for e, f in combos

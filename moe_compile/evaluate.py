@@ -38,7 +38,8 @@ def evaluate_split(dense: nn.Module, fields: dict[str, Any], fraction: float, va
                    bos: Optional[int] = None, dense_predictions: Optional[torch.Tensor] = None) -> dict:
     """Convert `dense` with split experts (MoEConfig(**fields), top_k for `fraction`), calibrated on `calibration`
     when given, and measure it on `validation` (token ids [n]; windows led by `bos` when given). Returns the row:
-    experts, top_k, shared_experts, active (from model_stats), perplexity, convert_seconds, router_recall_held_out
+    experts, top_k, shared_experts (the model's; shared_per_site, each site's), active (from model_stats),
+    perplexity, convert_seconds, router_recall_held_out
     (mean over sites, or None), top1_agreement (the share of next-token predictions equal to `dense_predictions`,
     the dense model's from example_text.score on the same windows; None without them) and the resolved config."""
     fields = {"experts": "split", **fields}
@@ -52,15 +53,22 @@ def evaluate_split(dense: nn.Module, fields: dict[str, Any], fraction: float, va
     seconds = time.perf_counter() - start
     recalls = [site.calibration["router_recall_held_out"] for site in moe.moe_report.converted
                if "router_recall_held_out" in site.calibration]
-    resolved = moe.moe_report.config
+    resolved, report = moe.moe_report.config, moe.moe_report
     ppl, predictions = score(moe, validation, length=length, max_windows=max_windows, bos=bos)
     agreement = None if dense_predictions is None else float((predictions == dense_predictions).float().mean())
     return {"experts": resolved.num_experts, "top_k": resolved.top_k, "shared_experts": resolved.shared_experts,
+            "shared_per_site": [report.config_of(site.name).shared_experts for site in report.converted],
             "active": model_stats(moe).active_fraction,
             "perplexity": ppl, "top1_agreement": agreement,
             "convert_seconds": seconds,
             "router_recall_held_out": sum(recalls) / len(recalls) if recalls else None,
             "config": resolved.to_dict()}
+
+
+def shared_label(row: dict) -> str:
+    """A row's shared neuron groups: "s", or "a-b" when its sites chose counts from a to b."""
+    counts = sorted(set(row.get("shared_per_site", [row.get("shared_experts")])))
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def evaluation_table(dense_perplexity: float, rows: Sequence[dict]) -> str:
@@ -70,7 +78,7 @@ def evaluation_table(dense_perplexity: float, rows: Sequence[dict]) -> str:
              ("dense", "100%", "-", f"{dense_perplexity:.3f}", "-", "-", "-", "-")]
     for row in rows:
         recall, agreement = row["router_recall_held_out"], row.get("top1_agreement")
-        experts = f"{row['top_k']} of {row['experts']} ({row['shared_experts']} shared)"
+        experts = f"{row['top_k']} of {row['experts']} ({shared_label(row)} shared)"
         lines.append(("MoE", f"{row['active']:.1%}", experts,
                       f"{row['perplexity']:.3f}", f"{row['perplexity'] / dense_perplexity - 1:+.1%}",
                       "-" if agreement is None else f"{agreement:.1%}",

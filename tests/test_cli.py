@@ -14,6 +14,7 @@ import torch
 
 import moe_compile
 from moe_compile.cli import CHECK_SHAPE, EXPORT_SHAPE, main
+from moe_compile.evaluate import shared_label
 from moe_compile.example_text import stdlib_text
 from tests.conftest import logits_of, make_dense_model
 
@@ -208,6 +209,13 @@ def test_eval_trained_checkpoint_per_active_fraction(capsys, tmp_path):
     assert whole["top1_agreement"] == 1.0 and 0 < quarter["top1_agreement"] < 1.0
     assert (quarter["config"]["split_strategy"], quarter["config"]["router_init"]) == ("coactivation", "calibrated")
     assert 0 < quarter["router_recall_held_out"] <= 1
+    assert quarter["shared_per_site"] == [0] * 4
+
+
+def test_eval_rows_name_the_shared_groups_their_sites_chose():
+    assert shared_label({"shared_experts": 2, "shared_per_site": [3, 2, 3]}) == "2-3"
+    assert shared_label({"shared_experts": 1, "shared_per_site": [1, 1]}) == "1"
+    assert shared_label({"shared_experts": 1}) == "1"  # a row recorded before shared_per_site
 
 
 def save_hf_llama_with_tokenizer(directory: Path) -> None:
