@@ -31,9 +31,11 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import moe_compile as mc
+from moe_compile.evaluate import shared_label
 from moe_compile.example_text import calibration_batches, perplexity, stdlib_prose, stdlib_text, token_ids
 from moe_compile.heal import heal
 from moe_compile.table import format_table
@@ -41,13 +43,14 @@ from moe_compile.table import format_table
 from gemma3 import fetch, load  # examples/gemma3.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC, PLOT = ROOT / "docs" / "gemma3_healing.md", ROOT / "docs" / "gemma3_healing.png"  # from every run's result:
+DOC, PLOT = ROOT / "docs" / "gemma3_healing.md", ROOT / "docs" / "gemma3_healing.png"  # from every run's result
+LENGTH, EVAL_WINDOWS, CALIBRATION_WINDOWS = 256, 8, 16
+TARGET = 1.15  # the perplexity ratio the healing budget is extrapolated to
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def result_path(tokens: int) -> Path:
     return ROOT / "docs" / f"gemma3_healing_{tokens}.json"
-LENGTH, EVAL_WINDOWS, CALIBRATION_WINDOWS = 256, 8, 16
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def peak_mb() -> float:
@@ -119,7 +122,8 @@ def run(args: argparse.Namespace) -> dict:
             moe = mc.convert(dense, mc.MoEConfig(experts="split", **fields), calibration_data=calibration,
                              progress=False)
             active, fields["shared_experts"] = mc.model_stats(moe).active_fraction, moe.moe_report.config.shared_experts
-            name = f"{name}, {fields['shared_experts']} shared"
+            per_site = [moe.moe_report.config_of(site.name).shared_experts for site in moe.moe_report.converted]
+            name = f"{name}, {shared_label({'shared_per_site': per_site})} shared"  # each layer chose its own
         row = {"model": name, "active": active, "config": fields, "convert_s": time.perf_counter() - start,
                "before": measure(moe, held_out, bos)}
         print(f"{name}: before healing {row['before']} ({row['convert_s']:.0f} s)", flush=True)
@@ -174,9 +178,39 @@ Held-out prose perplexity against dense while healing:
 """
 
 
+def extrapolated(results: list[dict], target: float = TARGET) -> dict[str, tuple[float, list]]:
+    """Per configuration (row["config"]) healed to the end in runs of two or more lengths T: the T at which the
+    power law ratio - 1 = A T^-alpha through their final held-out prose ratios reaches `target` (an
+    extrapolation), and the points it was fitted to; keyed by the rows' names."""
+    names: dict[str, list[str]] = {}
+    finals: dict[str, list[tuple[int, float]]] = {}
+    for result in results:
+        for row in result["rows"]:
+            key = json.dumps(row["config"], sort_keys=True)
+            names.setdefault(key, []).append(row["model"])
+            finals.setdefault(key, []).append((row["heal_tokens"], row["after"]["prose"] / result["dense"]["prose"]))
+    fitted = {}
+    for key, points in finals.items():
+        model = " / ".join(dict.fromkeys(names[key]))
+        if len({tokens for tokens, _ in points}) < 2 or min(ratio for _, ratio in points) <= target:
+            continue
+        slope, intercept = np.polyfit(np.log([t for t, _ in points]), np.log([r - 1 for _, r in points]), 1)
+        if slope < 0:
+            fitted[model] = (float(np.exp((np.log(target - 1) - intercept) / slope)), sorted(points))
+    return fitted
+
+
 def report(results: list[dict]) -> None:
     """docs/gemma3_healing.md (a section per run, fewest tokens first) and the PNG of every run's curve."""
     sections = [section(result) for result in results]
+    fits = extrapolated(results)
+    if fits:
+        sections.append(f"## Extrapolated: the tokens to {TARGET:.2f}x (not measured)\n\nA power law ratio - 1 = A "
+                        "T^-alpha through the final held-out prose ratios of the runs of different lengths T (two "
+                        "points fix it exactly; healing curves flatten, so read these as lower bounds):\n\n```\n" +
+                        format_table([("model", "final points (tokens: ratio)", f"tokens to {TARGET:.2f}x")] + [
+                            (model, ", ".join(f"{t:,}: {r:.3f}x" for t, r in points), f"{tokens:,.0f}")
+                            for model, (tokens, points) in fits.items()]) + "\n```\n")
     print("\n".join(sections))
     DOC.write_text(f"""# Healing Gemma 3 270M
 
@@ -200,17 +234,22 @@ batches, always; healing trains its MLPs. Every ratio is against the dense model
     except ImportError:
         print("matplotlib missing (extra `plot`): no PNG", file=sys.stderr)
         return
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(12, 5))
     for result in results:
         for row in result["rows"]:
             axis.plot([t for t, _ in row["curve"]], [p / result["dense"]["prose"] for _, p in row["curve"]],
                       marker="o", markersize=3,
                       label=f"{row['model']} ({row['active']:.0%} active), {result['tokens']:,}-token run")
+    for model, (tokens, points) in fits.items():
+        axis.plot([points[-1][0], tokens], [points[-1][1], TARGET], linestyle="--", marker="o", markerfacecolor="none",
+                  label=f"{model}: extrapolated to {TARGET:.2f}x (not measured)")
     axis.axhline(1.0, color="gray", linestyle=":", label="dense")
-    axis.set_xlabel("healing tokens")
+    axis.set_xscale("symlog", linthresh=10_000)  # 0 (before healing) to the extrapolations
+    axis.set_xlim(left=0)
+    axis.set_xlabel("healing tokens (linear below 10,000, then logarithmic)")
     axis.set_ylabel("held-out prose perplexity / dense")
     axis.set_title("Gemma 3 270M: healing split experts, and a pruned baseline")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     figure.savefig(PLOT, dpi=120)
 
