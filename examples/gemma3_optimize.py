@@ -5,15 +5,15 @@
 
 optimize converts Gemma 3 270M once per candidate (k of 8 split experts for each --top-k, calibrated with the
 defaults on 4,096 tokens of training prose, as examples/gemma3_healing.py does), measures each layer's loss increase
-when it alone is converted, on other windows of the training prose, and chooses per layer dense or a candidate for
-the --budget of active FFN (or of FFN latency, --cost latency; or "k/8": the cost of uniform 8/k measured in the
-same run) at the least predicted loss. Then the plan and the best uniform split within the same budget (the
-candidate k of largest cost that fits, on every layer, converted again with the same calibration) are measured on
-held-out prose
-(standard-library docstrings) and code (standard-library source), 8 windows of 256 tokens each, BOS first,
-beside the dense model; and the transformer body of each (no LM head: the FFNs are about a quarter of the whole
-model's FLOPs) is exported (target portable) and timed in ONNX Runtime on a 512-token prompt, 1 thread, in
-round-robin blocks. Writes docs/gemma3_optimize.json, .md and .png; keeps the plan and the uniform model in the cache.
+when it alone is converted, on 16 windows spread over the other half of the training prose and as much training
+code, and chooses per layer dense or a candidate for the --budget of active FFN (or of FFN latency, --cost latency;
+or "k/8": the cost of uniform 8/k measured in the same run) at the least predicted loss. Then the plan and the best
+uniform split within the same budget (the candidate k of largest cost that fits, on every layer, converted again
+with the same calibration) are measured on held-out prose (standard-library docstrings) and code (standard-library
+source), 8 windows of 256 tokens each, BOS first, beside the dense model; and the transformer body of each (no LM
+head: the FFNs are about a quarter of the whole model's FLOPs) is exported (target portable) and timed in ONNX
+Runtime on a 512-token prompt, 1 thread, in round-robin blocks. Writes docs/gemma3_optimize.json, .md and .png;
+keeps the plan and the uniform model in the cache.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from moe_compile.timing import ort_session, time_round_robin
 from gemma3 import CACHE, fetch, load  # examples/gemma3.py, beside this script
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-LENGTH, EVAL_WINDOWS, CALIBRATION_WINDOWS, SENSITIVITY_WINDOWS = 256, 8, 16, 4
+LENGTH, EVAL_WINDOWS, CALIBRATION_WINDOWS, SENSITIVITY_WINDOWS = 256, 8, 16, 16
 PROMPT = 512  # tokens of the timed prompt
 
 
@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> dict:
     dense, tokenizer = load(fetch())
     bos = tokenizer.bos_token_id
     prose = token_ids(stdlib_prose("train"), tokenizer)
-    calibration_part, sensitivity_part = prose[:len(prose) // 2], prose[len(prose) // 2:]
+    calibration_part, other_prose = prose[:len(prose) // 2], prose[len(prose) // 2:]
+    code = token_ids(stdlib_text("train"), tokenizer)
+    sensitivity_part = torch.cat([other_prose, code[:len(other_prose)]])  # half prose, half code
     calibration = calibration_batches(LENGTH, CALIBRATION_WINDOWS, batch_size=4, data=calibration_part, bos=bos)
     held_out = {"prose": token_ids(stdlib_prose("validation"), tokenizer),
                 "code": token_ids(stdlib_text("validation"), tokenizer)}
@@ -144,8 +146,9 @@ python examples/gemma3_optimize.py {result['command']}
 {machine['threads']} threads, torch {machine['torch']}; peak memory {result['peak_memory_mb'] / 1024:.1f} GiB.
 Candidates: k of 8 split experts for k in {', '.join(map(str, result['top_k']))} (calibrated defaults, 4,096 tokens
 of training prose), or dense; the budget a share of the dense FFN's {"ONNX Runtime latency" if latency else "FLOPs"}.
-Sensitivity measured on {SENSITIVITY_WINDOWS} windows of 256 tokens of other training
-prose; the results below on held-out prose and code, {EVAL_WINDOWS} windows of 256 tokens each, BOS first. Body:
+Sensitivity measured on {SENSITIVITY_WINDOWS} windows of 256 tokens spread over other training
+prose and as much training code; the results below on held-out prose and code, {EVAL_WINDOWS} windows of 256
+tokens each, BOS first. Body:
 the transformer without its LM head, exported (target portable), one {PROMPT}-token prompt in ONNX Runtime, 1 thread,
 median of 5 round-robin blocks.
 

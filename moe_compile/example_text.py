@@ -39,7 +39,7 @@ def stdlib_text(split: str) -> bytes:
     files = {"train": TRAIN_FILES, "validation": VALIDATION_FILES}.get(split)
     if files is None:
         raise ValueError(f"stdlib_text: unknown split {split!r}. Use 'train' or 'validation'.")
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = _stdlib_root()
     missing = [name for name in files if not (root / name).is_file()]
     if missing:
         raise FileNotFoundError(f"stdlib_text: {root} lacks {missing}; this needs a CPython 3.10+ standard library "
@@ -48,14 +48,42 @@ def stdlib_text(split: str) -> bytes:
 
 
 def stdlib_prose(split: str) -> bytes:
-    """English prose from the same files: the docstrings (module, class, function) of eight words or more."""
+    """English prose from the same files: the docstrings (module, class, function) of eight words or more.
+
+    split "library": the docstrings of every module of the standard library but the validation files and the test
+    suites, file by file (about 5x the training split's: more varied text to train on, e.g. to heal).
+    """
+    if split not in ("train", "validation", "library"):
+        raise ValueError(f"stdlib_prose: unknown split {split!r}. Use 'train', 'validation' or 'library'.")
+    if split != "library":
+        return "\n\n".join(_docstrings(stdlib_text(split))).encode()
+    root = _stdlib_root()
     texts = []
-    for node in ast.walk(ast.parse(stdlib_text(split))):
+    for path in sorted(root.rglob("*.py")):
+        name = path.relative_to(root).as_posix()
+        if name in VALIDATION_FILES or "site-packages" in name or any(
+                part.startswith("test") or part == "idle_test" for part in path.relative_to(root).parts):
+            continue
+        try:
+            texts += _docstrings(path.read_bytes())
+        except (SyntaxError, ValueError):  # a file of another Python's syntax, or not source
+            continue
+    return "\n\n".join(texts).encode()
+
+
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _docstrings(source: bytes) -> list[str]:
+    """The docstrings of eight words or more of a module's source, in ast.walk order."""
+    texts = []
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             text = ast.get_docstring(node)
             if text and len(text.split()) >= 8:
                 texts.append(text)
-    return "\n\n".join(texts).encode()
+    return texts
 
 
 def stdlib_bytes(split: str) -> torch.Tensor:
@@ -105,14 +133,16 @@ def perplexity(model: torch.nn.Module, data: torch.Tensor, length: int = 128, ba
 @torch.no_grad()
 def score(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_size: int = 32,
           max_windows: int = 256, progress: Callable[[Iterator], Iterator] = iter,
-          bos: Optional[int] = None) -> tuple[float, torch.Tensor]:
+          bos: Optional[int] = None, spread: bool = False) -> tuple[float, torch.Tensor]:
     """(perplexity, the model's top-1 next-token predictions [windows, length]) on the windows of `perplexity`;
-    the share of predictions two models agree on is their top-1 agreement."""
+    the share of predictions two models agree on is their top-1 agreement. spread: the windows evenly spaced over
+    the whole of `data` instead of consecutive from its start (a few windows then sample all of a long text)."""
     count = min((len(data) - 1) // length, max_windows)
     if count < 1:
         raise ValueError(f"perplexity: {len(data)} tokens do not fill one window of {length + 1}; give more text.")
-    ids = data[: count * length + 1].long()
-    inputs, targets = ids[:-1].view(count, length), ids[1:].view(count, length)
+    stride = (len(data) - 1 - length) // max(count - 1, 1) if spread else length
+    ids = torch.stack([data[i * stride: i * stride + length + 1] for i in range(count)]).long()
+    inputs, targets = ids[:, :-1], ids[:, 1:]
     if bos is not None:
         inputs = torch.cat([torch.full((count, 1), bos, dtype=torch.long), inputs], dim=1)
     total, predictions = 0.0, []

@@ -148,8 +148,9 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
     the least cost; and the report. Give exactly one of the two.
 
     calibration_data: batches, as for convert. held_out: token ids [n], scored in `windows` windows of `length`
-    (each led by `bos` when given), apart from the calibration text. candidates: split MoEConfigs a site may take
-    (default k of 8 experts for k in 1, 2, 4, 6, calibrated defaults); a site may always stay dense.
+    spread evenly over it (each led by `bos` when given), apart from the calibration text. candidates: split
+    MoEConfigs a site may take (default k of 8 experts for k in 1, 2, 4, 6, calibrated defaults); a site may
+    always stay dense.
     """
     start = time.perf_counter()
     candidates = _checked(budget, quality, candidates, cost, target, threads, latency_tokens)
@@ -248,13 +249,14 @@ def _label(config: MoEConfig) -> str:
 
 
 class _Scorer:
-    """Mean next-token cross-entropy of a model on the held-out windows."""
+    """Mean next-token cross-entropy of a model on the held-out windows, spread evenly over the held-out text."""
 
     def __init__(self, data: torch.Tensor, length: int, windows: int, bos: Optional[int]):
         self.data, self.length, self.windows, self.bos = data, length, windows, bos
 
     def __call__(self, model: nn.Module) -> float:
-        return math.log(score(model, self.data, self.length, max_windows=self.windows, bos=self.bos)[0])
+        return math.log(score(model, self.data, self.length, max_windows=self.windows, bos=self.bos,
+                              spread=True)[0])
 
 
 class _Dense(nn.Module):

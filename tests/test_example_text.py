@@ -1,0 +1,36 @@
+"""The standard library's text: its splits, and the windows perplexity is scored on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_compile.example_text import perplexity, score, stdlib_prose
+
+
+@pytest.fixture(scope="module")
+def data() -> torch.Tensor:
+    return torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(3))
+
+
+def test_spread_windows_sample_the_whole_text_and_consecutive_ones_its_start(hf_llama, data):
+    def expected(starts):
+        ids = torch.stack([data[s:s + 17] for s in starts])
+        with torch.no_grad():
+            logits = hf_llama(ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return float(loss.exp())
+
+    spread, predictions = score(hf_llama, data, length=16, max_windows=3, spread=True)  # 4000 tokens: to the end
+    assert spread == pytest.approx(expected([0, 1991, 3982]), rel=1e-5) and predictions.shape == (3, 16)
+    assert perplexity(hf_llama, data, length=16, max_windows=3) == pytest.approx(expected([0, 16, 32]), rel=1e-5)
+
+
+def test_the_library_split_holds_the_training_prose_and_more_but_not_the_validation_files():
+    library = stdlib_prose("library").decode()
+    training = stdlib_prose("train").decode().split("\n\n")
+    validation = stdlib_prose("validation").decode().split("\n\n")
+    assert all(text in library for text in training) and len(library) > 4 * sum(map(len, training))
+    assert sum(text in library for text in validation) < 0.02 * len(validation)  # a few generic ones recur elsewhere
+    with pytest.raises(ValueError, match="'train', 'validation' or 'library'"):
+        stdlib_prose("all")
