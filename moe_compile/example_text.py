@@ -2,8 +2,9 @@
 `moe-compile eval`.
 
 A fixed list of modules, split by file: TRAIN_FILES train the models and give the calibration batches,
-VALIDATION_FILES measure them. Bytes are the tokens of the byte-level GPTs (vocabulary 256); a transformers
-model's tokenizer tokenizes the same text (token_ids). The modules' text changes a little between Python
+VALIDATION_FILES measure them; stdlib_prose("library") takes the docstrings of every other module too. Bytes are
+the tokens of the byte-level GPTs (vocabulary 256); a transformers model's tokenizer tokenizes the same text
+(token_ids). The modules' text changes a little between Python
 versions, so figures are comparable only on one Python (they were measured on 3.11).
 
     perplexity = exp(mean over predicted tokens of -log p(next token))
@@ -60,9 +61,9 @@ def stdlib_prose(split: str) -> bytes:
     root = _stdlib_root()
     texts = []
     for path in sorted(root.rglob("*.py")):
-        name = path.relative_to(root).as_posix()
-        if name in VALIDATION_FILES or "site-packages" in name or any(
-                part.startswith("test") or part == "idle_test" for part in path.relative_to(root).parts):
+        relative = path.relative_to(root)
+        if relative.as_posix() in VALIDATION_FILES or any(
+                part.startswith("test") or part in ("idle_test", "site-packages") for part in relative.parts):
             continue
         try:
             texts += _docstrings(path.read_bytes())

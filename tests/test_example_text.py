@@ -21,7 +21,7 @@ def test_spread_windows_sample_the_whole_text_and_consecutive_ones_its_start(hf_
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         return float(loss.exp())
 
-    spread, predictions = score(hf_llama, data, length=16, max_windows=3, spread=True)  # 4000 tokens: to the end
+    spread, predictions = score(hf_llama, data, length=16, max_windows=3, spread=True)  # stride (4000 - 17) // 2
     assert spread == pytest.approx(expected([0, 1991, 3982]), rel=1e-5) and predictions.shape == (3, 16)
     assert perplexity(hf_llama, data, length=16, max_windows=3) == pytest.approx(expected([0, 16, 32]), rel=1e-5)
 
