@@ -209,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     healing.add_argument("--tokens", type=int, default=100_000, help="training tokens (100000)")
     healing.add_argument("--text", nargs="+", metavar="FILE",
                          help="training text files (default: the standard library's training split)")
+    healing.add_argument("--paragraphs", action="store_true",
+                         help="train on each paragraph of the text (between blank lines) as one sample with the "
+                              "tokenizer's special tokens, not on windows of it joined: what a sentence encoder sees")
     healing.add_argument("--eval-text", nargs="+", metavar="FILE",
                          help="held-out text files (default: the standard library's validation split)")
     healing.add_argument("--eval-every", type=int, metavar="TOKENS", help="measure held-out perplexity every TOKENS "
@@ -466,11 +469,23 @@ class _Text:
 
     def tokens(self, files: Optional[list[str]], split: str) -> torch.Tensor:
         """Token ids [n] of the text files joined, or of the standard library's `split`."""
+        return token_ids(self._read(files, split), self.tokenizer)
+
+    def paragraphs(self, files: Optional[list[str]], split: str) -> list[list[int]]:
+        """The token ids of every paragraph of `tokens`' text, each with the tokenizer's special tokens, cut to
+        `length`."""
+        texts = [part.strip() for part in self._read(files, split).split(b"\n\n") if part.strip()]
+        if self.tokenizer is None:
+            return [list(text[:self.length]) for text in texts]
+        return self.tokenizer([text.decode("utf-8", errors="replace") for text in texts], truncation=True,
+                              max_length=self.length)["input_ids"]
+
+    @staticmethod
+    def _read(files: Optional[list[str]], split: str) -> bytes:
         for name in files or ():
             if not Path(name).is_file():
                 raise UsageError(f"{name}: no such text file.")
-        return token_ids(b"\n".join(Path(name).read_bytes() for name in files) if files else stdlib_text(split),
-                         self.tokenizer)
+        return b"\n".join(Path(name).read_bytes() for name in files) if files else stdlib_text(split)
 
     def calibration_batches(self, args: argparse.Namespace) -> list[torch.Tensor]:
         """--calibration-windows windows of the --calibration-text (default: the standard library's training split)."""
@@ -508,9 +523,10 @@ def _heal(args: argparse.Namespace) -> int:
     model = load(args.model_dir)
     teacher = _dense_model(args)
     text = _Text.for_model(args, teacher)
-    report = heal(model, teacher, text.tokens(args.text, "train"), tokens=args.tokens, length=text.length,
+    data = text.paragraphs(args.text, "train") if args.paragraphs else text.tokens(args.text, "train")
+    report = heal(model, teacher, data, tokens=args.tokens, length=text.length,
                   batch_size=args.batch_size, loss=args.loss, positions=args.positions, lr=args.lr, train=args.train,
-                  bos=text.bos,
+                  bos=None if args.paragraphs else text.bos,
                   eval_data=text.tokens(args.eval_text, "validation"), eval_every=args.eval_every,
                   eval_windows=args.eval_windows, checkpoint_dir=args.checkpoint_dir, seed=args.seed)
     print(report.table())

@@ -8,6 +8,7 @@ added twice, or not at all, shows in the logits. Fixtures are session-scoped: te
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `dev.py test` runs a worker per
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from moe_compile.example_models import build_example
+from moe_compile.example_text import stdlib_text
 
 VOCAB = 128
 DENSE_MODELS = ("nanogpt", "nanogpt-inline", "hf-gpt2", "hf-llama")
@@ -95,3 +97,16 @@ def dense_models(nanogpt, nanogpt_inline, hf_gpt2, hf_llama) -> dict[str, torch.
 def token_ids() -> torch.Tensor:
     """[2, 16] token ids, seeded."""
     return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1234))
+
+
+def save_hf_llama_with_tokenizer(directory: Path) -> None:
+    """A tiny LLaMA and a word-level tokenizer of the standard library's words, saved as transformers saves them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = dict.fromkeys(stdlib_text("train").decode().split())
+    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(list(words)[:VOCAB - 1])}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    make_dense_model("hf-llama").save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)

@@ -16,7 +16,7 @@ import moe_compile
 from moe_compile.cli import CHECK_SHAPE, EXPORT_SHAPE, main
 from moe_compile.evaluate import shared_label
 from moe_compile.example_text import stdlib_text
-from tests.conftest import logits_of, make_dense_model
+from tests.conftest import logits_of, make_dense_model, save_hf_llama_with_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "examples" / "checkpoints" / "tiny_gpt_relu.safetensors"  # a trained byte-level GPT
@@ -216,21 +216,6 @@ def test_eval_rows_name_the_shared_groups_their_sites_chose():
     assert shared_label({"shared_experts": 2, "shared_per_site": [3, 2, 3]}) == "2-3"
     assert shared_label({"shared_experts": 1, "shared_per_site": [1, 1]}) == "1"
     assert shared_label({"shared_experts": 1}) == "1"  # a row recorded before shared_per_site
-
-
-def save_hf_llama_with_tokenizer(directory: Path) -> None:
-    """A tiny LLaMA and a word-level tokenizer of the standard library's words, saved as transformers saves them."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.conftest import VOCAB
-
-    words = dict.fromkeys(stdlib_text("train").decode().split())
-    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(list(words)[:VOCAB - 1])}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    make_dense_model("hf-llama").save_pretrained(directory)
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
 
 
 def test_eval_hf_model_reads_text_with_its_tokenizer(capsys, tmp_path):
