@@ -161,6 +161,7 @@ def score(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_s
 
     total, per_window = loss_sum(inputs[:1], targets[:1])  # the first window alone: its logits' size sets the batch
     size = min(batch_size, max(1, LOGIT_BUDGET // per_window))
-    for x, y in progress(zip(inputs[1:].split(size), targets[1:].split(size))):
+    rest = zip(inputs[1:].split(size), targets[1:].split(size)) if count > 1 else iter(())
+    for x, y in progress(rest):
         total += loss_sum(x, y)[0]
     return math.exp(total / targets.numel()), torch.cat(predictions)

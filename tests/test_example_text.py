@@ -25,6 +25,7 @@ def test_spread_windows_sample_the_whole_text_and_consecutive_ones_its_start(hf_
     spread, predictions = score(hf_llama, data, length=16, max_windows=3, spread=True)  # stride (4000 - 17) // 2
     assert spread == pytest.approx(expected([0, 1991, 3982]), rel=1e-5) and predictions.shape == (3, 16)
     assert perplexity(hf_llama, data, length=16, max_windows=3) == pytest.approx(expected([0, 16, 32]), rel=1e-5)
+    assert perplexity(hf_llama, data, length=16, max_windows=1) == pytest.approx(expected([0]), rel=1e-5)
 
 
 def test_windows_whose_logits_pass_the_budget_are_scored_in_smaller_batches_alike(hf_llama, data, monkeypatch):
