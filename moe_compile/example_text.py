@@ -161,7 +161,6 @@ def score(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_s
 
     total, per_window = loss_sum(inputs[:1], targets[:1])  # the first window alone: its logits' size sets the batch
     size = min(batch_size, max(1, LOGIT_BUDGET // per_window))
-    rest = zip(inputs[1:].split(size), targets[1:].split(size)) if count > 1 else iter(())
-    for x, y in progress(rest):
-        total += loss_sum(x, y)[0]
+    for start in progress(range(1, count, size)):
+        total += loss_sum(inputs[start:start + size], targets[start:start + size])[0]
     return math.exp(total / targets.numel()), torch.cat(predictions)

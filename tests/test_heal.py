@@ -233,7 +233,7 @@ def test_cli_heals_on_paragraphs(tmp_path, capsys):
                  "--length", "16", "--eval-windows", "2", "--out", str(tmp_path / "healed"), "--json",
                  str(report)]) == 0
     healed = json.loads(report.read_text())
-    assert healed["steps"] == 4 and healed["tokens"] >= 256 and healed["settings"]["bos"] is None
+    assert healed["settings"]["data"] == "samples" and healed["steps"] == 4 and healed["tokens"] >= 256
 
 
 def test_cli_names_a_missing_gguf_file(tmp_path, capsys):
