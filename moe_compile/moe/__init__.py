@@ -37,10 +37,10 @@ def build_moe_layer(ffn: DenseFFN, config: MoEConfig, seed: int,
                     hidden_norm=ffn.hidden_norm)
 
 
-def choose_shared_experts(config: MoEConfig, ffn: DenseFFN, inputs: torch.Tensor, seed: int
-                          ) -> tuple[int, dict[int, float]]:
-    """shared_experts='auto' at one site (its FFN, recorded inputs and seed): the s of config.shared_choices whose
-    calibrated layer (no distillation) has the least held-out error, and the error of every s,
+def choose_shared_experts(config: MoEConfig, ffn: DenseFFN, calibration: SiteCalibration, seed: int
+                          ) -> tuple[MoELayer, int, dict[int, float]]:
+    """shared_experts='auto' at one site (its FFN, calibration and seed): the calibrated layer (no distillation)
+    whose s of config.shared_choices has the least held-out error, that s, and the error of every s,
 
         error_s = ||MoE_s(x) - FFN(x)||^2 / ||FFN(x) - mean FFN(x)||^2   over the calibration's held-out rows x.
 
@@ -48,15 +48,21 @@ def choose_shared_experts(config: MoEConfig, ffn: DenseFFN, inputs: torch.Tensor
     3), small trained ones few, and layers of one model differ (a tiny GPT's first layer wants none where the
     others want half; one count for all of them costs it 21% perplexity instead of 16%): the data decides, per
     site."""
-    calibration = SiteCalibration.from_inputs(ffn, inputs)
-    x = calibration.inputs[calibration.num_fit:] if calibration.num_fit < len(inputs) else calibration.inputs
+    inputs = calibration.inputs
+    x = inputs[calibration.num_fit:] if calibration.num_fit < len(inputs) else inputs
     x = x.to(device=ffn.up_weight.device, dtype=ffn.up_weight.dtype)
+    best, errors = None, {}
     with torch.no_grad():
         target = ffn(x)
         scale = float((target - target.mean(0)).pow(2).sum()) or 1.0
-        errors = {s: float((build_moe_layer(ffn, dataclasses.replace(config, shared_experts=s), seed, calibration)
-                            .eval()(x) - target).pow(2).sum()) / scale for s in config.shared_choices}
-    return min(errors, key=errors.get), errors
+        for s in config.shared_choices:
+            calibration.results = {}  # the fit figures of this build
+            layer = build_moe_layer(ffn, dataclasses.replace(config, shared_experts=s), seed, calibration).eval()
+            errors[s] = float((layer(x) - target).pow(2).sum()) / scale
+            if best is None or errors[s] < errors[best[1]]:
+                best = layer, s, calibration.results
+    layer, chosen, calibration.results = best
+    return layer, chosen, errors
 
 
 def _fold_compensation(experts: ExpertWeights, ffn: DenseFFN, router_weight: torch.Tensor, top_k: int,

@@ -44,10 +44,23 @@ class InputSample:
             self.seen += len(rows)
 
 
+class _Recorded(Exception):
+    """Raised by a hook to stop a forward pass once the layers of interest have seen their inputs."""
+
+
 def record_ffn_inputs(model: nn.Module, ffns: dict[str, DenseFFN], batches: Iterable[Any], cap: int, seed: int,
                       progress: bool = True) -> dict[str, torch.Tensor]:
-    """{site: [n <= cap, d_model] sampled inputs} from running `model` on every batch (eval mode, no grad)."""
+    """{site: [n <= cap, d_model] sampled inputs} from running `model` on every batch (eval mode, no grad). After
+    the first batch, each forward stops once the sites have been called as often as in the first."""
     samples = {name: InputSample(cap, torch.Generator().manual_seed(seed + i)) for i, name in enumerate(ffns)}
+    calls = {"now": 0, "whole": None}  # hook calls in this forward, and in a whole one (the first batch's)
+
+    def record(sample: InputSample, x: torch.Tensor) -> None:
+        sample.add(x)
+        calls["now"] += 1
+        if calls["now"] == calls["whole"]:
+            raise _Recorded  # every site has seen this batch: the rest of the forward (an LM head) is not needed
+
     hooks = []
     for name, ffn in ffns.items():
         module = _module_holding(model, ffn.up_weight)
@@ -55,11 +68,14 @@ def record_ffn_inputs(model: nn.Module, ffns: dict[str, DenseFFN], batches: Iter
             raise ValueError(f"convert(calibration_data=...): the up projection of site {name!r} is not a module "
                              "with a weight, so its inputs cannot be recorded. Give the FFN nn.Linear layers, or "
                              "convert without calibration_data.")
-        hooks.append(module.register_forward_pre_hook(lambda _m, args, s=samples[name]: s.add(args[0])))
+        hooks.append(module.register_forward_pre_hook(lambda _m, args, s=samples[name]: record(s, args[0])))
     try:
         with _eval(model), torch.no_grad():
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-                call_model(model, batch)
+                calls["now"] = 0
+                with contextlib.suppress(_Recorded):
+                    call_model(model, batch)
+                calls["whole"] = calls["whole"] or calls["now"]
     finally:
         for hook in hooks:
             hook.remove()
@@ -103,10 +119,6 @@ def _eval(model: nn.Module):
     finally:
         for module, training in modes.items():
             module.train(training)
-
-
-class _Recorded(Exception):
-    """Raised by a hook to stop a forward pass once the layer of interest has seen its input."""
 
 
 def distill(model: nn.Module, sites: list[tuple[str, MoELayer, DenseFFN, int]], batches: list[Any], cap: int,

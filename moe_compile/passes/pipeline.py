@@ -276,25 +276,24 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
     recorded = {} if not fitted else record_ffn_inputs(
         target, {name: ffns[name] for name in fitted}, batches, max(c.calibration_tokens for c in fitted.values()),
         config.seed, progress=progress is not False)
-    shared_errors = {}
-    for i, site in enumerate(todo):  # shared_experts='auto': each site its own count, chosen on its data
-        name = site.report.name
-        if name in fitted and fitted[name].shared_experts == "auto":
-            chosen, shared_errors[name] = choose_shared_experts(fitted[name], ffns[name], recorded[name],
-                                                                fitted[name].seed + i)
-            configs[name] = fitted[name] = dataclasses.replace(fitted[name], shared_experts=chosen)
-    config, layer_configs = _recorded_configs(config, layer_configs, configs)
-    layers = []
+    layers, shared_errors = [], {}
     for i, site in enumerate(tqdm(todo, desc="building experts", unit="site", disable=not show)):
-        ffn, site_config = ffns[site.report.name], configs[site.report.name]
-        inputs = recorded.pop(site.report.name, None)
+        name = site.report.name
+        ffn, site_config = ffns[name], configs[name]
+        inputs = recorded.pop(name, None)
         calibration = None if inputs is None else SiteCalibration.from_inputs(ffn, inputs)
-        layers.append(build_moe_layer(ffn, site_config, seed=site_config.seed + i, calibration=calibration)
-                      .train(site.module.training))
+        if site_config.shared_experts == "auto":  # each site its own count, chosen on its data
+            layer, chosen, shared_errors[name] = choose_shared_experts(site_config, ffn, calibration,
+                                                                       site_config.seed + i)
+            configs[name] = fitted[name] = dataclasses.replace(site_config, shared_experts=chosen)
+        else:
+            layer = build_moe_layer(ffn, site_config, seed=site_config.seed + i, calibration=calibration)
+        layers.append(layer.train(site.module.training))
         if calibration is not None:
             site.report.calibration = calibration.results
-            for shared, error in shared_errors.get(site.report.name, {}).items():
+            for shared, error in shared_errors.get(name, {}).items():
                 site.report.calibration[f"error_{shared}_shared"] = error
+    config, layer_configs = _recorded_configs(config, layer_configs, configs)
 
     by_module: dict[str, list[tuple[_Site, nn.Module]]] = {}
     for site, layer in zip(todo, layers):

@@ -13,8 +13,8 @@ import torch
 import moe_compile as mc
 from moe_compile.example_models import load_checkpoint
 from moe_compile.example_text import calibration_batches, perplexity, stdlib_bytes
-from moe_compile.moe import iter_moe_layers
-from moe_compile.passes.calibrate import InputSample
+from moe_compile.moe import DenseFFN, iter_moe_layers
+from moe_compile.passes.calibrate import InputSample, record_ffn_inputs
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "examples" / "checkpoints"
 CALIBRATED = dict(split_strategy="coactivation", router_init="calibrated", compensate=True)
@@ -108,6 +108,13 @@ def test_auto_shared_experts_take_each_sites_count_of_least_held_out_error(gpts,
     mc.save(moe, tmp_path / "auto")
     loaded = mc.load(tmp_path / "auto")
     assert {site.name: loaded.moe_report.config_of(site.name).shared_experts for site in report.converted} == chosen
+    fixed = {name: mc.MoEConfig(num_experts=16, top_k=4, **SMALL, distill_steps=0, shared_experts=s)
+             for name, s in chosen.items()}  # each site's chosen count given: the same layers, the same fit figures
+    explicit = mc.convert(gpts["swiglu"], config, layer_configs=fixed, calibration_data=batches, progress=False)
+    for site, again in zip(report.converted, explicit.moe_report.converted):
+        assert site.calibration["router_recall_held_out"] == again.calibration["router_recall_held_out"]
+        ours, theirs = moe.get_submodule(site.layer).state_dict(), explicit.get_submodule(again.layer).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     for (name, x), (_, y) in zip(moe.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(x, y), name
     with pytest.raises(ValueError, match="shared_experts='auto' is computed from activations. Pass calibration_data"):
@@ -161,6 +168,34 @@ def test_input_sample_is_bounded_uniform_and_seeded():
     assert torch.equal(samples[0], samples[1]) and not torch.equal(samples[0], samples[2])
     assert len(samples[0].unique()) == 500
     assert 3_500 < float(samples[0].mean()) < 6_500  # uniform over the stream, not its first rows
+
+
+class _SharedBlockModel(torch.nn.Module):
+    """One FFN applied twice per forward (ALBERT shares its layers so), then a head that counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.head = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8), torch.nn.Linear(8, 8)
+        self.head_calls = 0
+
+    def forward(self, x):
+        for _ in range(2):
+            x = x + self.down(torch.relu(self.up(x)))
+        self.head_calls += 1
+        return self.head(x)
+
+
+def test_recording_stops_each_forward_once_every_site_has_seen_the_batch():
+    model = _SharedBlockModel()
+    ffn = DenseFFN(model.up.weight, model.up.bias, model.down.weight, model.down.bias, torch.relu)
+    batches = list(torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0)))
+    recorded = record_ffn_inputs(model, {"ffn": ffn}, batches, cap=1000, seed=0, progress=False)["ffn"]
+    assert model.head_calls == 1  # the first batch runs whole (it tells how many calls a forward makes), no other
+    seen = []
+    model.up.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    for batch in batches:
+        model(batch)
+    assert torch.equal(recorded, torch.cat(seen))  # both calls of every batch, as whole forwards see them
 
 
 def test_save_load_export_and_stats_with_shared_experts_and_compensation(gpts, batches, tmp_path):
