@@ -8,9 +8,10 @@ With fewer sequences the recording costs proportionally less, the rest (each sit
 tokens, so k-means, router fit and compensation do not grow) the same: the full cost is about
 convert_seconds + (256 / sequences - 1) * forward_seconds.
 
-Timed parts: the model alone on the calibration batches (the floor any calibration pays), then
-convert(..., calibration_data=...) with the calibrated defaults (E = 8, top-2, one shared group; no
-distillation). Peak memory is the process's maximum resident set size (Linux ru_maxrss).
+Timed parts: the model alone on the calibration batches (the recording runs each batch only up to its last FFN, so
+it pays less: no LM head), then convert(..., calibration_data=...) with the calibrated defaults (E = 8, top-2,
+shared groups chosen per layer; no distillation). Peak memory is the process's maximum resident set size (Linux
+ru_maxrss).
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@
     python examples/gemma3_optimize.py --cost latency --budget 4/8     # at the latency of uniform 8/4
 
 optimize converts Gemma 3 270M once per candidate (k of 8 split experts for each --top-k, calibrated with the
-defaults on 4,096 tokens of training prose, as examples/gemma3_healing.py does), measures each layer's loss increase
-when it alone is converted, on 16 windows spread over the other half of the training prose and as much training
-code, and chooses per layer dense or a candidate for the --budget of active FFN (or of FFN latency, --cost latency;
-or "k/8": the cost of uniform 8/k measured in the same run) at the least predicted loss. Then the plan and the best
-uniform split within the same budget (the candidate k of largest cost that fits, on every layer, converted again
-with the same calibration) are measured on held-out prose (standard-library docstrings) and code (standard-library
+defaults on 64 windows of 256 tokens of training prose, every token in each layer's sample), measures each layer's
+loss increase when it alone is converted, on 16 windows spread over the other half of the training prose and as much
+training code, and chooses per layer dense or a candidate for the --budget of active FFN (or of FFN latency, --cost
+latency; or "k/8": the cost of uniform 8/k measured in the same run) at the least predicted loss. Then the plan and
+the best uniform split within the same budget (the candidate k of largest cost that fits, on every layer, converted
+again with the same calibration) are measured on held-out prose (standard-library docstrings) and code (standard-library
 source), 8 windows of 256 tokens each, BOS first, beside the dense model; and the transformer body of each (no LM
 head: the FFNs are about a quarter of the whole model's FLOPs) is exported (target portable) and timed in ONNX
 Runtime on a 512-token prompt, 1 thread, in round-robin blocks. Writes docs/gemma3_optimize.json, .md and .png;
@@ -38,7 +38,7 @@ from moe_compile.timing import ort_session, time_round_robin
 from gemma3 import CACHE, fetch, load  # examples/gemma3.py, beside this script
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-LENGTH, EVAL_WINDOWS, CALIBRATION_WINDOWS, SENSITIVITY_WINDOWS = 256, 8, 16, 16
+LENGTH, EVAL_WINDOWS, SENSITIVITY_WINDOWS = 256, 8, 16
 PROMPT = 512  # tokens of the timed prompt
 
 
@@ -67,10 +67,12 @@ def run(args: argparse.Namespace) -> dict:
     calibration_part, other_prose = prose[:len(prose) // 2], prose[len(prose) // 2:]
     code = token_ids(stdlib_text("train"), tokenizer)
     sensitivity_part = torch.cat([other_prose, code[:len(other_prose)]])  # half prose, half code
-    calibration = calibration_batches(LENGTH, CALIBRATION_WINDOWS, batch_size=4, data=calibration_part, bos=bos)
+    calibration = calibration_batches(LENGTH, args.calibration_windows, batch_size=4, data=calibration_part, bos=bos)
+    sample = args.calibration_windows * LENGTH  # every calibration token in each site's sample (distillation overfits
+    #                                             a small one: 4,096 tokens measured 1.52x dense at 8/4, 16,384 1.35x)
     held_out = {"prose": token_ids(stdlib_prose("validation"), tokenizer),
                 "code": token_ids(stdlib_text("validation"), tokenizer)}
-    candidates = [mc.MoEConfig(experts="split", num_experts=8, top_k=k) for k in args.top_k]
+    candidates = [mc.MoEConfig(experts="split", num_experts=8, top_k=k, calibration_tokens=sample) for k in args.top_k]
     start = time.perf_counter()
     moe, report = optimize(dense, calibration, sensitivity_part, budget=args.budget, candidates=candidates,
                            length=LENGTH, windows=SENSITIVITY_WINDOWS, bos=bos, cost=args.cost,
@@ -81,8 +83,8 @@ def run(args: argparse.Namespace) -> dict:
     # the best uniform setting within the same budget: the candidate of largest cost that fits (FLOPs or latency)
     uniform_k = int(report.budget_of.split("/")[0]) if report.budget_of else max(
         int(u["choice"].split("/")[0]) for u in report.uniform if u["cost"] <= report.budget + 1e-9)
-    uniform = mc.convert(dense, mc.MoEConfig(experts="split", num_experts=8, top_k=uniform_k),
-                         calibration_data=calibration, progress=False)
+    uniform = mc.convert(dense, mc.MoEConfig(experts="split", num_experts=8, top_k=uniform_k,
+                                             calibration_tokens=sample), calibration_data=calibration, progress=False)
     uniform_s = time.perf_counter() - start
     for name, model in (("plan", moe), ("uniform", uniform)):
         mc.save(model, CACHE.parent / "gemma3-optimize" / f"{name}{suffix(args.cost)}")
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> dict:
              "seconds": seconds, "body_ms": 1000 * latency[name], **measure(model, held_out, bos)}
             for name, (model, seconds) in models.items()]
     result = {"command": " ".join(sys.argv[1:]), "budget": args.budget, "cost": args.cost, "top_k": args.top_k,
+              "calibration_tokens": sample,
               "rows": rows,
               "report": report.to_dict(), "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "machine": {"threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -137,6 +140,7 @@ def write_doc(result: dict) -> str:
             [("layer shape", "choice", "ms")] + [(shape, choice, f"{t:.2f}") for shape, ms in
                                                  report["latency_ms"].items() for choice, t in ms.items()]) + "\n```"
     machine = result["machine"]
+    calibrated = result.get("calibration_tokens", 16 * LENGTH)  # runs before --calibration-windows took 16 windows
     text = f"""# Per-layer sparsity for Gemma 3 270M (`optimize`, {"latency" if latency else "FLOP"} budget)
 
 ```
@@ -144,8 +148,9 @@ python examples/gemma3_optimize.py {result['command']}
 ```
 
 {machine['threads']} threads, torch {machine['torch']}; peak memory {result['peak_memory_mb'] / 1024:.1f} GiB.
-Candidates: k of 8 split experts for k in {', '.join(map(str, result['top_k']))} (calibrated defaults, 4,096 tokens
-of training prose), or dense; the budget a share of the dense FFN's {"ONNX Runtime latency" if latency else "FLOPs"}.
+Candidates: k of 8 split experts for k in {', '.join(map(str, result['top_k']))} (calibrated defaults,
+{calibrated:,} tokens of training prose, all in each layer's sample), or dense; the budget a share of the dense FFN's
+{"ONNX Runtime latency" if latency else "FLOPs"}.
 Sensitivity measured on {SENSITIVITY_WINDOWS} windows of 256 tokens spread over other training
 prose and as much training code; the results below on held-out prose and code, {EVAL_WINDOWS} windows of 256
 tokens each, BOS first. Body:
@@ -181,6 +186,8 @@ def main() -> int:
     parser.add_argument("--cost", choices=["flops", "latency"], default="flops",
                         help="the budget's cost: FFN FLOPs, or FFN latency in ONNX Runtime (flops)")
     parser.add_argument("--top-k", type=int, nargs="+", default=[2, 4, 6], help="candidate k of 8 (2 4 6)")
+    parser.add_argument("--calibration-windows", type=int, default=64,
+                        help="windows of 256 tokens of training prose to calibrate on (64)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the doc from the saved result")
     args = parser.parse_args()
     saved = DOCS / f"gemma3_optimize{suffix(args.cost)}.json"

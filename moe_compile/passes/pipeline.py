@@ -282,7 +282,7 @@ def convert(model: nn.Module, config: Optional[MoEConfig] = None, *,
         ffn, site_config = ffns[name], configs[name]
         inputs = recorded.pop(name, None)
         calibration = None if inputs is None else SiteCalibration.from_inputs(ffn, inputs)
-        if site_config.shared_experts == "auto":  # each site its own count, chosen on its data
+        if calibration is not None and site_config.shared_experts == "auto":  # each site its count, from its data
             layer, chosen, shared_errors[name] = choose_shared_experts(site_config, ffn, calibration,
                                                                        site_config.seed + i)
             configs[name] = fitted[name] = dataclasses.replace(site_config, shared_experts=chosen)
