@@ -8,7 +8,7 @@ clusters, calibrated routers, compensation, distillation), calibrated on --windo
 prose (the half of it examples/gemma3_optimize.py calibrates on; BOS first) with `calibration_tokens` holding every
 one of them, for each --steps of distillation per layer; perplexity on held-out prose (standard-library docstrings)
 and code (standard-library source), 8 windows of 256 tokens each, beside the dense model, with the time of each
-conversion and the process's peak memory after it. 2 threads.
+conversion and the process's peak memory after it and its evaluation. 2 threads.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ python examples/gemma3_calibration.py {result['command']}
 
 {machine['threads']} threads, torch {machine['torch']}. Split 8/4 with the calibrated defaults, `calibration_tokens`
 holding every calibration token (windows of 256 tokens of training prose, BOS first); held-out prose and code, 8
-windows of 256 tokens each. Peak memory: the process's, after each conversion (so it never falls).
+windows of 256 tokens each. Peak memory: the process's, after each conversion and its evaluation (so it never
+falls).
 
 ```
 {format_table(table)}
