@@ -4,16 +4,16 @@
     python examples/gemma3_optimize.py --cost latency --budget 4/8     # at the latency of uniform 8/4
 
 optimize converts Gemma 3 270M once per candidate (k of 8 split experts for each --top-k, calibrated with the
-defaults on 64 windows of 256 tokens of training prose, every token in each layer's sample), measures each layer's
-loss increase when it alone is converted, on 16 windows spread over the other half of the training prose and as much
-training code, and chooses per layer dense or a candidate for the --budget of active FFN (or of FFN latency, --cost
-latency; or "k/8": the cost of uniform 8/k measured in the same run) at the least predicted loss. Then the plan and
-the best uniform split within the same budget (the candidate k of largest cost that fits, on every layer, converted
-again with the same calibration) are measured on held-out prose (standard-library docstrings) and code (standard-library
-source), 8 windows of 256 tokens each, BOS first, beside the dense model; and the transformer body of each (no LM
-head: the FFNs are about a quarter of the whole model's FLOPs) is exported (target portable) and timed in ONNX
-Runtime on a 512-token prompt, 1 thread, in round-robin blocks. Writes docs/gemma3_optimize.json, .md and .png;
-keeps the plan and the uniform model in the cache.
+defaults on 64 windows of 256 tokens of training prose, every token in each layer's sample), measures each candidate
+on every layer on 16 windows spread over the other half of the training prose and as much training code, and around
+the best of them within the --budget of active FFN (or of FFN latency, --cost latency; or "k/8": the cost of uniform
+8/k measured in the same run) each layer's change of the divergence from dense when it alone takes another choice
+(dense or a candidate); then chooses per layer at the least predicted divergence. The plan and that best uniform
+split (converted again with the same calibration) are measured on held-out prose (standard-library docstrings) and
+code (standard-library source), 8 windows of 256 tokens each, BOS first, beside the dense model; and the transformer
+body of each (no LM head: the FFNs are about a quarter of the whole model's FLOPs) is exported (target portable) and
+timed in ONNX Runtime on a 512-token prompt, 1 thread, in round-robin blocks. Writes docs/gemma3_optimize.json, .md
+and .png; keeps the plan and the uniform model in the cache.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> dict:
     optimize_s = time.perf_counter() - start
     print(report, flush=True)
     start = time.perf_counter()
-    # the best uniform setting within the same budget: the candidate of largest cost that fits (FLOPs or latency)
-    uniform_k = int(report.budget_of.split("/")[0]) if report.budget_of else max(
-        int(u["choice"].split("/")[0]) for u in report.uniform if u["cost"] <= report.budget + 1e-9)
+    if report.anchor == "dense":
+        raise SystemExit("no uniform split fits the budget: there is nothing to compare the plan with")
+    uniform_k = int(report.anchor.removeprefix("uniform ").split("/")[0])  # the best uniform split within the budget
     uniform = mc.convert(dense, mc.MoEConfig(experts="split", num_experts=8, top_k=uniform_k,
                                              calibration_tokens=sample), calibration_data=calibration, progress=False)
     uniform_s = time.perf_counter() - start
@@ -125,16 +125,18 @@ def write_doc(result: dict) -> str:
                f"{r['prose']:.2f}", f"{r['prose'] / dense['prose']:.2f}x", f"{r['code']:.2f}",
                f"{r['code'] / dense['code']:.2f}x", f"{r['body_ms']:.0f} ms", f"{r['body_ms'] / dense['body_ms']:.2f}x")
               for r in rows]
-    plan = [("layer", "plan", "loss increase alone")]
-    plan += [(p["site"], p["choice"], f"{p['predicted_increase']:+.4f}") for p in report["plan"]]
-    sensitivity = [("model", "active FFN", *(("FFN latency",) * latency), "perplexity", "vs dense")]
+    choices = list(report["plan"][0]["changes"])
+    plan = [("layer", "plan", *choices)]
+    plan += [(p["site"], p["choice"], *(f"{p['changes'][c]:+.4f}" for c in choices)) for p in report["plan"]]
+    sensitivity = [("model", "active FFN", *(("FFN latency",) * latency), "divergence", "perplexity", "vs dense")]
     sensitivity += [(f"uniform {u['choice']}", f"{u['active']:.1%}", *([f"{u['cost']:.1%}"] if latency else []),
-                     f"{u['perplexity']:.2f}", f"{u['perplexity'] / report['dense_perplexity']:.2f}x")
-                    for u in report["uniform"]]
+                     f"{u['divergence']:.4f}", f"{u['perplexity']:.2f}",
+                     f"{u['perplexity'] / report['dense_perplexity']:.2f}x") for u in report["uniform"]]
     plan_cost = [f"{report['predicted_cost']:.1%}"] if latency else []
-    sensitivity += [(f"plan ({label})", f"{report['active']:.1%}", *plan_cost,
+    sensitivity += [(f"plan ({label})", f"{report['active']:.1%}", *plan_cost, divergence,
                      f"{report[key]:.2f}", f"{report[key] / report['dense_perplexity']:.2f}x")
-                    for label, key in (("predicted", "predicted_perplexity"), ("measured", "perplexity"))]
+                    for label, key, divergence in (("predicted", "predicted_perplexity", ""),
+                                                   ("measured", "perplexity", f"{report['divergence']:.4f}"))]
     timed = "" if not latency else "\n\nThe layer latencies the plan was costed with (ONNX Runtime, portable, " \
         f"1 thread, {PROMPT} tokens):\n\n```\n" + format_table(
             [("layer shape", "choice", "ms")] + [(shape, choice, f"{t:.2f}") for shape, ms in
@@ -161,13 +163,15 @@ median of 5 round-robin blocks.
 {format_table(table)}
 ```
 
-The plan (each layer's loss increase when it alone is converted, in nats):
+The plan, and each choice's change of the divergence from dense (KL over dense's 256 likeliest tokens, nats per
+token) at each layer when it alone changes from {report['anchor']}:
 
 ```
 {format_table(plan)}
 ```
 
-On the sensitivity windows (where the plan was chosen, so its figure there is optimistic):
+On the sensitivity windows (where the plan was chosen, so its figure there is optimistic; divergence from dense in
+nats per token):
 
 ```
 {format_table(sensitivity)}

@@ -167,10 +167,11 @@ def _parser() -> argparse.ArgumentParser:
     optimizing = commands.add_parser(
         "optimize", help="choose per layer dense or k of E split experts, for an active-FFN or a quality budget",
         description="Convert with every candidate (k of --num-experts split experts for each --top-k, calibrated), "
-                    "measure each layer's held-out loss increase when it alone is converted, and choose per layer "
-                    "dense or a candidate: the least predicted loss within --budget (a share of the dense FFN's "
-                    "FLOPs, or of its ONNX Runtime latency with --cost latency), or the least cost within --quality "
-                    "(perplexity as a multiple of dense). Saves the model to --out.")
+                    "measure each on every layer on held-out text and, around the best within the goal, each "
+                    "layer's change of divergence from dense when it alone takes another choice; then choose per "
+                    "layer dense or a candidate: the least predicted loss within --budget (a share of the dense "
+                    "FFN's FLOPs, or of its ONNX Runtime latency with --cost latency), or the least cost within "
+                    "--quality (perplexity as a multiple of dense). Saves the model to --out.")
     _add_source(optimizing, saved=False)
     goal = optimizing.add_mutually_exclusive_group(required=True)
     goal.add_argument("--budget", type=_budget, metavar="F|K/E",

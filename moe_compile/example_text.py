@@ -143,6 +143,18 @@ def score(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_s
     the share of predictions two models agree on is their top-1 agreement. spread: the windows evenly spaced over
     the whole of `data` instead of consecutive from its start (a few windows then sample all of a long text).
     batch_size: windows per forward pass, fewer where their logits would pass LOGIT_BUDGET values."""
+    inputs, targets = scored_windows(data, length, max_windows, bos, spread)
+    total, predictions = 0.0, []
+    for logits, y in window_logits(model, inputs, targets, bos is not None, batch_size, progress):
+        predictions.append(logits.argmax(-1))
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
+    return math.exp(total / targets.numel()), torch.cat(predictions)
+
+
+def scored_windows(data: torch.Tensor, length: int, max_windows: int, bos: Optional[int] = None,
+                   spread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [windows, length], each led by `bos` when given; targets [windows, length], the next tokens): the
+    windows `score` scores, consecutive from the start of `data` or, spread, evenly spaced over all of it."""
     count = min((len(data) - 1) // length, max_windows)
     if count < 1:
         raise ValueError(f"perplexity: {len(data)} tokens do not fill one window of {length + 1}; give more text.")
@@ -151,16 +163,20 @@ def score(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_s
     inputs, targets = ids[:, :-1], ids[:, 1:]
     if bos is not None:
         inputs = torch.cat([torch.full((count, 1), bos, dtype=torch.long), inputs], dim=1)
-    predictions = []
+    return inputs, targets
 
-    def loss_sum(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:  # and the logit values of one window
-        logits = named_outputs(model(x))["logits"][:, int(bos is not None):]
-        predictions.append(logits.argmax(-1))
-        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
-                                     reduction="sum")), logits[0].numel()
 
-    total, per_window = loss_sum(inputs[:1], targets[:1])  # the first window alone: its logits' size sets the batch
-    size = min(batch_size, max(1, LOGIT_BUDGET // per_window))
-    for start in progress(range(1, count, size)):
-        total += loss_sum(inputs[start:start + size], targets[start:start + size])[0]
-    return math.exp(total / targets.numel()), torch.cat(predictions)
+@torch.no_grad()
+def window_logits(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, bos: bool,
+                  batch_size: int = 32, progress: Callable[[Iterator], Iterator] = iter
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits [b, length, vocab] of the scored positions, their targets [b, length]), a few windows at a time: at
+    most batch_size, fewer where their logits would pass LOGIT_BUDGET values (the first window alone sets that)."""
+    def logits_of(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return named_outputs(model(inputs[start:stop]))["logits"][:, int(bos):], targets[start:stop]
+
+    first = logits_of(0, 1)
+    yield first
+    size = min(batch_size, max(1, LOGIT_BUDGET // first[0][0].numel()))
+    for start in progress(range(1, len(inputs), size)):
+        yield logits_of(start, start + size)

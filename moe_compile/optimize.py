@@ -3,18 +3,24 @@
 Each site s stays dense or takes one candidate c (split experts). Its cost t_s(c) is, with cost="flops", its FFN
 FLOPs per token (k/E of the dense w_s, shared neurons counted); with cost="latency", the seconds its layer takes
 on `latency_tokens` tokens in ONNX Runtime (exported for `target`, `threads` threads), measured once per layer
-shape and choice. L is the mean next-token cross-entropy on held-out windows.
+shape and choice. On held-out windows, L is a model's mean next-token cross-entropy and D its mean divergence from
+the dense model, KL(dense || model) over the dense model's TOP_TOKENS likeliest tokens per position (the rest as
+one): D compares whole distributions at every position where L samples one token, so it tells layers apart with
+far less noise.
 
     1. candidates   convert the model once per candidate, calibrated, every site; keep only its MoE layers
     2. reference    convert it once more with split k = E experts and no calibration: the sum of every expert is
                     the dense FFN, so this model is the dense one, with an MoE layer wherever a candidate has one
-    3. sensitivity  d_s(c) = L(reference with site s's layer taken from candidate c) - L(reference)
-    4. plan         min sum_s d_s(c_s)  subject to  sum_s t_s(c_s) <= budget * sum_s t_s(dense), solved exactly
+    3. uniform      each candidate on every site, measured; the anchor a is the best of them within the budget
+                    (for a quality budget: the cheapest within it), or all dense if none is
+    4. sensitivity  d_s(c) = D(a with site s's choice c) - D(a): each site's choices in the context of the others
+                    as they will be, errors of earlier layers included (0 for a's own choice)
+    5. plan         min sum_s d_s(c_s)  subject to  sum_s t_s(c_s) <= budget * sum_s t_s(dense), solved exactly
                     by dynamic programming over integer costs (FLOPs over their greatest common divisor; otherwise
-                    rounded to MAX_UNITS of the dense total); or, for a quality budget, the least cost
-                    whose predicted perplexity exp(L(reference) + sum_s d_s) is within `quality` x the reference
-    5. build        convert with the plan as layer_configs and copy each site's fitted layer from its candidate,
-                    then measure it: a plan predicted from single-site swaps meets the interactions of them all
+                    rounded to MAX_UNITS of the dense total); or, for a quality budget, the least cost whose
+                    predicted loss L(a) + sum_s d_s(c_s) is within log(quality) of the reference's
+    6. build        convert with the plan as layer_configs and copy each site's fitted layer from its candidate,
+                    then measure it: a plan predicted from single-site changes meets the interactions of them all
 
 The result is an ordinary converted model (save, load, export); OptimizeReport holds the plan, predicted against
 measured, the uniform conversions measured in the same run, and the frontier searched.
@@ -27,16 +33,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import MoEConfig
 from .errors import MoECompileError
-from .example_text import score
+from .example_text import scored_windows, window_logits
 from .export import export
 from .model_io import Inputs
 from .moe import MoELayer, activation_name
@@ -47,6 +54,7 @@ from .table import format_table
 from .timing import ort_session, time_round_robin
 
 DEFAULT_TOP_K = (1, 2, 4, 6)  # of 8 experts: 12.5%, 25%, 50%, 75% active
+TOP_TOKENS = 256  # the dense model's likeliest next tokens the divergence D is measured over, per position
 MAX_UNITS = 100_000  # cost units of the whole FFN in the dynamic programme, at most
 COSTS = ("flops", "latency")
 LATENCY_TARGETS = ("portable", "ort")  # runnable in ONNX Runtime here; tensorrt's plugin nodes need TensorRT
@@ -58,8 +66,8 @@ class SitePlan:
     choice: str  # "dense" or "k/E"
     active: float  # share of the site's FFN each token runs
     cost: float  # the choice's cost as a share of the site's dense cost (FLOPs: = active; or latency)
-    predicted_increase: float  # d_s of the choice, in nats of held-out loss (0 for dense)
-    increases: dict[str, float] = field(default_factory=dict)  # d_s of every candidate
+    predicted_change: float  # d_s of the choice: D's change from the anchor's choice at this site, in nats
+    changes: dict[str, float] = field(default_factory=dict)  # d_s of every choice, dense first
 
 
 @dataclass
@@ -68,32 +76,36 @@ class OptimizeReport:
     budget: Optional[float]  # share of the dense FFN cost asked for, or None for a quality budget
     budget_of: Optional[str]  # the candidate ("k/E") whose uniform cost, measured in this run, set the budget
     quality: Optional[float]  # perplexity ratio asked for, or None
+    anchor: str  # "uniform k/E" or "dense": the plan the sensitivities were measured around
     dense_perplexity: float
     reference_perplexity: float  # split k = E, which should equal dense
     plan: list[SitePlan]
     predicted_perplexity: float
     perplexity: float  # the built plan, measured
+    divergence: float  # the built plan's D, measured (nats per token)
     active: float  # the built plan's active FFN share (model_stats)
     predicted_cost: float  # the plan's cost as a share of the dense FFN cost (= active with cost="flops")
-    uniform: list[dict[str, Any]]  # every candidate on every site: choice, active, cost, perplexity (measured)
+    uniform: list[dict[str, Any]]  # each candidate on every site: choice, active, cost, perplexity, divergence
     frontier: list[tuple[float, float]]  # (cost share, predicted perplexity) of the best plan at each cost
     latency_ms: dict[str, dict[str, float]]  # cost="latency": layer shape -> choice ("dense", "k/E, s shared") -> ms
     seconds: float
 
     def table(self) -> str:
         ratio, latency = self.dense_perplexity, self.cost == "latency"
-        rows = [("site", "plan", "active FFN", *(("FFN latency",) * latency), "predicted loss increase",
-                 "candidates' loss increase")]
-        rows += [(p.site, p.choice, f"{p.active:.1%}", *((f"{p.cost:.1%}",) * latency), f"{p.predicted_increase:+.4f}",
-                  "  ".join(f"{c} {d:+.4f}" for c, d in p.increases.items())) for p in self.plan]
-        summary = [("model", "active FFN", *(("FFN latency",) * latency), "perplexity", "vs dense")]
-        summary.append(("dense", "100.0%", *(("100.0%",) * latency), f"{self.dense_perplexity:.3f}", "1.000x"))
+        rows = [("site", "plan", "active FFN", *(("FFN latency",) * latency), "change from anchor",
+                 "every choice's change from anchor")]
+        rows += [(p.site, p.choice, f"{p.active:.1%}", *((f"{p.cost:.1%}",) * latency), f"{p.predicted_change:+.4f}",
+                  "  ".join(f"{c} {d:+.4f}" for c, d in p.changes.items())) for p in self.plan]
+        summary = [("model", "active FFN", *(("FFN latency",) * latency), "divergence", "perplexity", "vs dense")]
+        summary.append(("dense", "100.0%", *(("100.0%",) * latency), "0", f"{self.dense_perplexity:.3f}", "1.000x"))
         summary += [(f"uniform {u['choice']}", f"{u['active']:.1%}", *((f"{u['cost']:.1%}",) * latency),
-                     f"{u['perplexity']:.3f}", f"{u['perplexity'] / ratio:.3f}x") for u in self.uniform]
-        for label, perplexity in (("predicted", self.predicted_perplexity), ("measured", self.perplexity)):
-            summary.append((f"plan ({label})", f"{self.active:.1%}", *((f"{self.predicted_cost:.1%}",) * latency),
-                            f"{perplexity:.3f}", f"{perplexity / ratio:.3f}x"))
-        tables = [format_table(rows), format_table(summary)]
+                     f"{u['divergence']:.4f}", f"{u['perplexity']:.3f}", f"{u['perplexity'] / ratio:.3f}x")
+                    for u in self.uniform]
+        summary += [(f"plan ({label})", f"{self.active:.1%}", *((f"{self.predicted_cost:.1%}",) * latency),
+                     divergence, f"{perplexity:.3f}", f"{perplexity / ratio:.3f}x")
+                    for label, divergence, perplexity in (("predicted", "", self.predicted_perplexity),
+                                                          ("measured", f"{self.divergence:.4f}", self.perplexity))]
+        tables = [f"sensitivities measured around: {self.anchor}", format_table(rows), format_table(summary)]
         if latency:
             tables.append(format_table([("layer shape", "choice", "ms")] + [
                 (shape, choice, f"{t:.3f}") for shape, ms in self.latency_ms.items() for choice, t in ms.items()]))
@@ -104,9 +116,10 @@ class OptimizeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"cost": self.cost, "budget": self.budget, "budget_of": self.budget_of, "quality": self.quality,
-                "dense_perplexity": self.dense_perplexity, "reference_perplexity": self.reference_perplexity,
-                "plan": [vars(p) for p in self.plan], "predicted_perplexity": self.predicted_perplexity,
-                "perplexity": self.perplexity, "active": self.active, "predicted_cost": self.predicted_cost,
+                "anchor": self.anchor, "dense_perplexity": self.dense_perplexity,
+                "reference_perplexity": self.reference_perplexity, "plan": [vars(p) for p in self.plan],
+                "predicted_perplexity": self.predicted_perplexity, "perplexity": self.perplexity,
+                "divergence": self.divergence, "active": self.active, "predicted_cost": self.predicted_cost,
                 "uniform": self.uniform, "frontier": self.frontier, "latency_ms": self.latency_ms,
                 "seconds": self.seconds}
 
@@ -120,7 +133,7 @@ class OptimizeReport:
         figure, axes = plt.subplots(figsize=(6.4, 4.2))
         active, predicted = zip(*self.frontier)
         axes.plot([100 * a for a in active], [p / self.dense_perplexity for p in predicted], color="0.5",
-                  label="best plan per cost (predicted)")
+                  label=f"best plan per cost (predicted around {self.anchor})")
         axes.plot([100 * u["cost"] for u in self.uniform],
                   [u["perplexity"] / self.dense_perplexity for u in self.uniform], "s", label="uniform (measured)")
         axes.plot([100 * self.predicted_cost], [self.perplexity / self.dense_perplexity], "*", markersize=12,
@@ -155,7 +168,6 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
     start = time.perf_counter()
     candidates = _checked(budget, quality, candidates, cost, target, threads, latency_tokens)
     batches = list(calibration_data)
-    evaluate = _Scorer(held_out, length, windows, bos)
     converted = []
     for config in tqdm(candidates, desc="converting candidates", unit="candidate", disable=not progress):
         converted.append(_Candidate.of(convert(model, config, calibration_data=batches,
@@ -164,23 +176,13 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
                                  top_k=candidates[0].num_experts, split_strategy="contiguous")
     reference = convert(model, reference_config, example_inputs=example_inputs, progress=False).eval()
     sites = reference.moe_report.converted
-    layers = {site.name: site.layer for site in sites}
-    dense_loss, reference_loss = evaluate(model), evaluate(reference)
+    evaluate = _Scorer(model, held_out, length, windows, bos)
+    dense, reference_score = evaluate(model), evaluate(reference)
 
-    increases = np.zeros((len(sites), len(converted)))
-    uniform = []
-    steps = tqdm(total=len(sites) * len(converted) + len(converted), desc="measuring sensitivity", unit="eval",
-                 disable=not progress)
-    for j, candidate in enumerate(converted):
-        for i, site in enumerate(sites):
-            with _swapped(reference, {layers[site.name]: candidate.layers[site.name]}):
-                increases[i, j] = evaluate(reference) - reference_loss
-            steps.update()
-        with _swapped(reference, {layers[s.name]: candidate.layers[s.name] for s in sites}):
-            uniform.append({"choice": candidate.label, "active": candidate.active,
-                            "perplexity": math.exp(evaluate(reference))})
-        steps.update()
-    steps.close()
+    def measured(choices: Sequence[int]) -> _Score:  # the reference with site i's choice choices[i] (-1 dense)
+        with _swapped(reference, {site.layer: converted[j].layers[site.name]
+                                  for site, j in zip(sites, choices) if j >= 0}):
+            return evaluate(reference)
 
     shares = np.array([[site_stats(site, c.configs[site.name]).active_fraction for c in converted] for site in sites])
     if cost == "flops":
@@ -188,13 +190,35 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
         costs, latency_ms = dense_flops * np.concatenate([np.ones((len(sites), 1)), shares], axis=1), {}
     else:
         costs, latency_ms = _latencies(sites, reference, converted, target, threads, latency_tokens, progress)
-    for j, entry in enumerate(uniform):
-        entry["cost"] = float(costs[:, j + 1].sum() / costs[:, 0].sum())
+    labels = [c.label for c in converted]
     budget_of = budget if isinstance(budget, str) else None
     if budget_of is not None:  # that candidate on every site, in the plan's integer units, so it fits exactly
-        dense_units, units = _units(costs)[:, [0, 1 + [c.label for c in converted].index(budget_of)]].sum(0)
+        dense_units, units = _units(costs)[:, [0, 1 + labels.index(budget_of)]].sum(0)
         budget = float(units / dense_units)
-    choices, frontier = _plan(increases, costs, budget, quality)
+
+    steps = tqdm(total=len(converted) + len(sites) * len(converted), desc="measuring sensitivity", unit="eval",
+                 disable=not progress)
+    uniform_scores = []
+    for j in range(len(converted)):
+        uniform_scores.append(measured([j] * len(sites)))
+        steps.update()
+    uniform = [{"choice": c.label, "active": c.active, "cost": float(costs[:, j + 1].sum() / costs[:, 0].sum()),
+                "perplexity": math.exp(s.loss), "divergence": s.divergence}
+               for j, (c, s) in enumerate(zip(converted, uniform_scores))]
+    anchor = _anchor(_units(costs), [s.loss for s in uniform_scores], reference_score.loss, budget, quality)
+    anchored = reference_score if anchor < 0 else uniform_scores[anchor]
+    changes = np.zeros((len(sites), 1 + len(converted)))  # d_s(c): dense, then each candidate
+    for i in range(len(sites)):
+        for j in range(-1, len(converted)):
+            if j != anchor:
+                choices = [anchor] * len(sites)
+                choices[i] = j
+                changes[i, j + 1] = measured(choices).divergence - anchored.divergence
+                steps.update()
+    steps.close()
+
+    allowance = None if quality is None else reference_score.loss + math.log(quality) - anchored.loss
+    choices, frontier = _plan(changes, costs, budget, allowance)
     choice_of = {site.name: j for site, j in zip(sites, choices)}
     plan_configs = {name: None if j < 0 else converted[j].configs[name] for name, j in choice_of.items()}
     base = converted[max(set(choices) - {-1}, key=choices.count)].config  # the report's config: the most chosen
@@ -204,21 +228,21 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
         source = converted[choice_of[site.name]]
         built.get_submodule(site.layer).load_state_dict(source.layers[site.name].state_dict())
         site.calibration = dict(source.calibration[site.name])
+    result = evaluate(built)
 
-    labels = [c.label for c in converted]
     plan = [SitePlan(site.name, "dense" if j < 0 else labels[j], 1.0 if j < 0 else float(shares[i, j]),
-                     float(costs[i, j + 1] / costs[i, 0]), 0.0 if j < 0 else float(increases[i, j]),
-                     dict(zip(labels, map(float, increases[i]))))
+                     float(costs[i, j + 1] / costs[i, 0]), float(changes[i, j + 1]),
+                     dict(zip(["dense", *labels], map(float, changes[i]))))
             for i, (site, j) in enumerate(zip(sites, choices))]
     report = OptimizeReport(
-        cost=cost, budget=budget, budget_of=budget_of, quality=quality, dense_perplexity=math.exp(dense_loss),
-        reference_perplexity=math.exp(reference_loss), plan=plan,
-        predicted_perplexity=math.exp(reference_loss + sum(p.predicted_increase for p in plan)),
-        perplexity=math.exp(evaluate(built)), active=model_stats(built).active_fraction,
+        cost=cost, budget=budget, budget_of=budget_of, quality=quality,
+        anchor="dense" if anchor < 0 else f"uniform {labels[anchor]}", dense_perplexity=math.exp(dense.loss),
+        reference_perplexity=math.exp(reference_score.loss), plan=plan,
+        predicted_perplexity=math.exp(anchored.loss + sum(p.predicted_change for p in plan)),
+        perplexity=math.exp(result.loss), divergence=result.divergence, active=model_stats(built).active_fraction,
         predicted_cost=float(sum(costs[i, j + 1] for i, j in enumerate(choices)) / costs[:, 0].sum()),
-        uniform=uniform,
-        frontier=[(share, math.exp(reference_loss + increase)) for share, increase in frontier], latency_ms=latency_ms,
-        seconds=time.perf_counter() - start)
+        uniform=uniform, frontier=[(share, math.exp(anchored.loss + change)) for share, change in frontier],
+        latency_ms=latency_ms, seconds=time.perf_counter() - start)
     return built, report
 
 
@@ -248,15 +272,39 @@ def _label(config: MoEConfig) -> str:
     return f"{config.top_k}/{config.num_experts}"
 
 
+class _Score(NamedTuple):
+    loss: float  # L: mean next-token cross-entropy, nats
+    divergence: float  # D: mean KL(dense || model) over the dense model's TOP_TOKENS likeliest tokens, nats
+
+
 class _Scorer:
-    """Mean next-token cross-entropy of a model on the held-out windows, spread evenly over the held-out text."""
+    """L and D of a model on the held-out windows, spread evenly over the held-out text; the dense model's top
+    tokens and their log-probabilities, per position, kept from the first call."""
 
-    def __init__(self, data: torch.Tensor, length: int, windows: int, bos: Optional[int]):
-        self.data, self.length, self.windows, self.bos = data, length, windows, bos
+    def __init__(self, dense: nn.Module, data: torch.Tensor, length: int, windows: int, bos: Optional[int]):
+        self.inputs, self.targets = scored_windows(data, length, windows, bos, spread=True)
+        self.bos = bos is not None
+        self.top = [F.log_softmax(logits.float(), -1).topk(min(TOP_TOKENS, logits.shape[-1]), -1)
+                    for logits, _ in window_logits(dense, self.inputs, self.targets, self.bos)]
 
-    def __call__(self, model: nn.Module) -> float:
-        return math.log(score(model, self.data, self.length, max_windows=self.windows, bos=self.bos,
-                              spread=True)[0])
+    def __call__(self, model: nn.Module) -> _Score:
+        loss = divergence = 0.0
+        for (logits, targets), (log_p, tokens) in zip(window_logits(model, self.inputs, self.targets, self.bos),
+                                                      self.top):
+            log_q = F.log_softmax(logits.float(), -1)
+            loss -= float(log_q.gather(-1, targets[..., None]).sum())
+            divergence += float(_coarse_kl(log_p, log_q.gather(-1, tokens)).sum())
+        return _Score(loss / self.targets.numel(), divergence / self.targets.numel())
+
+
+def _coarse_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the given tokens [..., K] and the rest as one token r: sum_i p_i log(p_i / q_i) +
+    p_r log(p_r / q_r), p_r = 1 - sum_i p_i (a lower bound of the whole KL, exact when the tokens are all)."""
+    def rest(log: torch.Tensor) -> torch.Tensor:  # log(1 - sum_i exp(log_i)), kept finite
+        return torch.log(-torch.expm1(torch.logsumexp(log, -1).clamp(max=-1e-7)))
+
+    log_p_rest, log_q_rest = rest(log_p), rest(log_q)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) + log_p_rest.exp() * (log_p_rest - log_q_rest)
 
 
 class _Dense(nn.Module):
@@ -371,27 +419,39 @@ def _checked(budget: Union[float, str, None], quality: Optional[float], candidat
     return candidates
 
 
-def _plan(increases: np.ndarray, costs: np.ndarray, budget: Optional[float],
-          quality: Optional[float]) -> tuple[list[int], list[tuple[float, float]]]:
+def _anchor(units: np.ndarray, losses: Sequence[float], reference_loss: float, budget: Optional[float],
+            quality: Optional[float]) -> int:
+    """The candidate whose uniform plan the sensitivities are measured around, or -1 (all dense): within a budget the
+    least loss of those that fit it; within a quality the least cost of those that meet it."""
+    whole = units[:, 0].sum()
+    if budget is not None:
+        fits = [j for j in range(len(losses)) if units[:, j + 1].sum() <= budget * whole + 1e-9]
+        return min(fits, key=lambda j: losses[j], default=-1)
+    meets = [j for j in range(len(losses)) if losses[j] <= reference_loss + math.log(quality)]
+    return min(meets, key=lambda j: units[:, j + 1].sum(), default=-1)
+
+
+def _plan(changes: np.ndarray, costs: np.ndarray, budget: Optional[float],
+          allowance: Optional[float]) -> tuple[list[int], list[tuple[float, float]]]:
     """Each site's choice in the plan (-1 dense, else a candidate's column), and the frontier searched.
-    increases[s, j]: candidate j's loss increase at site s; costs[s]: dense, then each candidate."""
-    best, choose, cost = _plans(increases, costs)
+    changes[s]: the predicted loss change of each choice at site s, costs[s] its cost, both dense first, then each
+    candidate; the plan's predicted change within `allowance` for a quality budget."""
+    best, choose, cost = _plans(changes, costs)
     whole = int(cost[:, 0].sum())
-    choices = _backtrack(choose, cost, _chosen_cost(best, whole, budget, quality))
+    choices = _backtrack(choose, cost, _chosen_cost(best, whole, budget, allowance))
     if all(j < 0 for j in choices):
-        goal = f"budget={budget}" if budget is not None else f"quality={quality}"
+        goal = f"budget={budget}" if budget is not None else "the quality asked for"
         raise MoECompileError(f"optimize: the best plan for {goal} keeps every layer dense (no candidate is cheaper "
                               "and good enough). Allow more loss, e.g. quality=1.5, give candidates with more "
                               "experts active, or, with cost='latency', time more tokens (latency_tokens).")
     return choices, _frontier(best, whole)
 
 
-def _plans(increases: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dynamic programme over sites: best[u], the least sum of increases of a plan costing exactly u units (inf if
+def _plans(changes: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dynamic programme over sites: best[u], the least sum of changes of a plan costing exactly u units (inf if
     none does; u = len(best) - 1 is the whole FFN dense); choose[s, u], site s's choice in it (-1 dense, else a
     candidate's column); cost[s, j], the units of site s with choice j (column 0 dense, then the candidates)."""
     cost = _units(costs)
-    gain = np.concatenate([np.zeros((len(costs), 1)), increases], axis=1)
     size = max(int(cost[:, 0].sum()), int(cost.max(axis=1).sum())) + 1  # a candidate may be slower than dense
     best = np.full(size, np.inf)
     best[0] = 0.0
@@ -400,16 +460,16 @@ def _plans(increases: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.nda
         new = np.full(size, np.inf)
         for j in range(cost.shape[1]):
             shifted = np.full(size, np.inf)
-            shifted[cost[s, j]:] = best[:size - cost[s, j]] + gain[s, j]
+            shifted[cost[s, j]:] = best[:size - cost[s, j]] + changes[s, j]
             better = shifted < new
             new[better], choose[s, better] = shifted[better], j - 1
         best = new
     return best, choose, cost
 
 
-def _chosen_cost(best: np.ndarray, whole: int, budget: Optional[float], quality: Optional[float]) -> int:
+def _chosen_cost(best: np.ndarray, whole: int, budget: Optional[float], allowance: Optional[float]) -> int:
     """The cost (units) of the plan: the best within the budget (a share of `whole`, the all-dense cost), or the
-    cheapest within the quality."""
+    cheapest whose change is within the allowance."""
     if budget is not None:
         within = best[:int(budget * whole + 1e-9) + 1]
         if not np.isfinite(within).any():
@@ -418,7 +478,7 @@ def _chosen_cost(best: np.ndarray, whole: int, budget: Optional[float], quality:
                                   f"cheapest choice, costs {cheapest / whole:.1%} of the dense FFN. Raise the budget "
                                   "or add a candidate with fewer active experts.")
         return int(np.argmin(within))
-    return int(np.argmax(best <= math.log(quality)))  # the all-dense plan (increase 0) always qualifies
+    return int(np.argmax(best <= allowance))  # the anchor's own plan (change 0) always qualifies
 
 
 def _backtrack(choose: np.ndarray, cost: np.ndarray, units: int) -> list[int]:
@@ -431,7 +491,7 @@ def _backtrack(choose: np.ndarray, cost: np.ndarray, units: int) -> list[int]:
 
 
 def _frontier(best: np.ndarray, whole: int) -> list[tuple[float, float]]:
-    """(cost share of dense, least loss increase) where the best plan within a cost improves."""
+    """(cost share of dense, least loss change) where the best plan within a cost improves."""
     points, lowest = [], math.inf
     for u in np.flatnonzero(np.isfinite(best)):
         if best[u] < lowest:

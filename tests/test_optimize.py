@@ -13,8 +13,8 @@ import torch
 
 import moe_compile as mc
 from moe_compile.cli import main
-from moe_compile.example_text import calibration_batches
-from moe_compile.optimize import _Dense, _plan, optimize
+from moe_compile.example_text import calibration_batches, score
+from moe_compile.optimize import _anchor, _coarse_kl, _Dense, _plan, _Scorer, optimize
 
 from .conftest import VOCAB, logits_of
 
@@ -33,15 +33,15 @@ def optimized(nanogpt, text):
                     progress=False)
 
 
-def brute_force(increases, costs, budget=None, quality=None):
-    """(least loss increase, cost share) over every plan, by enumeration; column 0 of costs is dense."""
+def brute_force(changes, costs, budget=None, allowance=None):
+    """(least loss change, cost share) over every plan, by enumeration; column 0 of both is dense."""
     plans = []
     for choice in itertools.product(range(costs.shape[1]), repeat=len(costs)):
         cost = sum(costs[s, j] for s, j in enumerate(choice)) / costs[:, 0].sum()
-        plans.append((cost, sum(0.0 if j == 0 else increases[s, j - 1] for s, j in enumerate(choice))))
+        plans.append((cost, sum(changes[s, j] for s, j in enumerate(choice))))
     if budget is not None:
         return min((loss, cost) for cost, loss in plans if cost <= budget + 1e-12)
-    return min((cost, loss) for cost, loss in plans if loss <= math.log(quality))[::-1]
+    return min((cost, loss) for cost, loss in plans if loss <= allowance)[::-1]
 
 
 def flop_costs(generator):
@@ -60,21 +60,35 @@ def latency_costs(generator):
 @pytest.mark.parametrize("costs_of", [flop_costs, latency_costs])
 def test_the_plan_is_the_best_of_every_plan(seed, costs_of):
     generator = np.random.default_rng(seed)
-    increases = generator.normal(0.05, 0.05, (4, 3))  # a few negative: a conversion may help on held-out text
+    changes = generator.normal(0.05, 0.05, (4, 4))  # around an anchor: some choices help, some hurt
+    changes[np.arange(4), generator.integers(0, 4, 4)] = 0.0  # the anchor's own choice at each site
     costs = costs_of(generator)
     exact = costs_of is flop_costs  # latency costs are rounded to MAX_UNITS of the dense total
-    for budget, quality in ((0.4, None), (0.5, None), (0.75, None), (None, math.exp(0.1)), (None, math.exp(0.2))):
-        choices, frontier = _plan(increases, costs, budget, quality)
+    for budget, allowance in ((0.4, None), (0.5, None), (0.75, None), (None, 0.1), (None, 0.2)):
+        choices, frontier = _plan(changes, costs, budget, allowance)
         spent = sum(costs[s, j + 1] for s, j in enumerate(choices)) / costs[:, 0].sum()
-        loss = sum(0.0 if j < 0 else increases[s, j] for s, j in enumerate(choices))
-        expected_loss, expected_cost = brute_force(increases, costs, budget, quality)
+        loss = sum(changes[s, j + 1] for s, j in enumerate(choices))
+        expected_loss, expected_cost = brute_force(changes, costs, budget, allowance)
         if budget is not None:
             assert loss == pytest.approx(expected_loss, abs=0 if exact else 0.02)
             assert spent <= budget + (1e-12 if exact else 1e-4)
         else:
-            assert loss <= math.log(quality) + 1e-12
+            assert loss <= allowance + 1e-12
             assert spent == pytest.approx(expected_cost, abs=1e-12 if exact else 1e-4)
         assert [c for c, _ in frontier] == sorted(c for c, _ in frontier)
+
+
+@pytest.mark.parametrize("budget, quality, anchor", [
+    (0.5, None, 1),  # 1/4 and 2/4 fit 50%: the one of less loss
+    (0.3, None, 0),  # only 1/4 fits
+    (0.1, None, -1),  # none fits: all dense
+    (None, math.exp(0.3), 1),  # 2/4 is the only one within quality
+    (None, math.exp(0.6), 0),  # both are: the cheaper
+    (None, math.exp(0.1), -1),  # none is
+])
+def test_the_anchor_is_the_best_uniform_plan_within_the_budget(budget, quality, anchor):
+    units = np.array([[8, 2, 4], [8, 2, 4]])  # dense, 1/4, 2/4 at two sites
+    assert _anchor(units, [0.5, 0.2], 0.0, budget, quality) == anchor
 
 
 def test_optimize_meets_its_budget_with_an_ordinary_converted_model(optimized, nanogpt, text, tmp_path):
@@ -85,6 +99,11 @@ def test_optimize_meets_its_budget_with_an_ordinary_converted_model(optimized, n
     assert {p.choice for p in report.plan} <= {"dense", "1/4", "2/4"}
     assert report.reference_perplexity == pytest.approx(report.dense_perplexity, rel=1e-5)  # split k = E is dense
     assert [u["choice"] for u in report.uniform] == ["1/4", "2/4"]
+    fits = [u for u in report.uniform if u["cost"] <= 0.5]  # both: the anchor is the better of them
+    assert report.anchor == "uniform " + min(fits, key=lambda u: u["perplexity"])["choice"]
+    anchor_choice = report.anchor.split()[1]
+    assert all(p.changes[anchor_choice] == 0 and list(p.changes) == ["dense", "1/4", "2/4"] for p in report.plan)
+    assert report.divergence >= 0
     ratios = [p for _, p in report.frontier]
     assert ratios == sorted(ratios, reverse=True)  # more active FFN, less loss
     assert "plan (measured)" in report.table()
@@ -98,6 +117,32 @@ def test_optimize_meets_its_budget_with_an_ordinary_converted_model(optimized, n
         shared = 0 if layer.shared is None else layer.shared.width // layer.expert_width  # groups always on
         assert f"{layer.router.top_k + shared}/4" == chosen[site.name]
         assert site.calibration  # the candidate's fit figures came with its layer
+
+
+def test_the_divergence_is_the_kl_over_the_top_tokens_and_the_rest_as_one():
+    generator = torch.Generator().manual_seed(5)
+    log_p, log_q = (torch.randn(3, 50, generator=generator).log_softmax(-1) for _ in range(2))
+    whole = (log_p.exp() * (log_p - log_q)).sum(-1)
+    torch.testing.assert_close(_coarse_kl(log_p, log_q), whole)  # every token: exact
+    top, tokens = log_p.topk(10, -1)
+    coarse = _coarse_kl(top, log_q.gather(-1, tokens))
+    p_rest, q_rest = 1 - top.exp().sum(-1), 1 - log_q.gather(-1, tokens).exp().sum(-1)
+    expected = (top.exp() * (top - log_q.gather(-1, tokens))).sum(-1) + p_rest * (p_rest / q_rest).log()
+    torch.testing.assert_close(coarse, expected)
+    assert (coarse <= whole + 1e-6).all() and (coarse >= 0).all()  # the KL of the coarser distributions
+    assert _coarse_kl(top, top).abs().max() < 1e-6
+
+
+def test_the_scorer_measures_cross_entropy_and_divergence_from_dense(nanogpt, text):
+    scorer = _Scorer(nanogpt, text, length=16, windows=4, bos=None)
+    dense = scorer(nanogpt)
+    assert dense.divergence == pytest.approx(0, abs=1e-6)
+    assert math.exp(dense.loss) == pytest.approx(score(nanogpt, text, 16, max_windows=4, spread=True)[0], rel=1e-5)
+    moe = mc.convert(nanogpt, mc.MoEConfig(experts="split", num_experts=4, top_k=1), progress=False).eval()
+    with torch.no_grad():  # a vocabulary of VOCAB < TOP_TOKENS: the divergence is the whole KL
+        log_p, log_q = (m(scorer.inputs).log_softmax(-1) for m in (nanogpt, moe))
+    whole = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    assert scorer(moe).divergence == pytest.approx(whole, abs=1e-6) and whole > 0
 
 
 def test_the_report_plots_and_serialises(optimized, tmp_path):
@@ -163,9 +208,9 @@ def test_bad_budgets_and_candidates_name_the_problem(nanogpt, text, settings, er
 
 
 def test_a_quality_no_candidate_meets_is_refused():
-    increases = np.full((3, 2), 0.01)  # every conversion costs loss: within quality 1.0 every site stays dense
+    changes = np.array([[0.0, 0.01, 0.01]] * 3)  # around dense every conversion costs loss: none is allowed
     with pytest.raises(mc.MoECompileError, match="keeps every layer dense"):
-        _plan(increases, np.array([[1.0, 0.25, 0.5]] * 3), None, 1.0)
+        _plan(changes, np.array([[1.0, 0.25, 0.5]] * 3), None, 0.0)
 
 
 @pytest.mark.parametrize("budget", ["0.5", "2/4"])
