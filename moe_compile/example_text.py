@@ -153,8 +153,8 @@ def score(model: torch.nn.Module, data: torch.Tensor, length: int = 128, batch_s
 
 def scored_windows(data: torch.Tensor, length: int, max_windows: int, bos: Optional[int] = None,
                    spread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs [windows, length], each led by `bos` when given; targets [windows, length], the next tokens): the
-    windows `score` scores, consecutive from the start of `data` or, spread, evenly spaced over all of it."""
+    """(inputs [windows, length], or [windows, length + 1] led by `bos` when given; targets [windows, length], the
+    next tokens): the windows `score` scores, consecutive from the start of `data` or, spread, evenly spaced over it."""
     count = min((len(data) - 1) // length, max_windows)
     if count < 1:
         raise ValueError(f"perplexity: {len(data)} tokens do not fill one window of {length + 1}; give more text.")

@@ -18,7 +18,8 @@ far less noise.
     5. plan         min sum_s d_s(c_s)  subject to  sum_s t_s(c_s) <= budget * sum_s t_s(dense), solved exactly
                     by dynamic programming over integer costs (FLOPs over their greatest common divisor; otherwise
                     rounded to MAX_UNITS of the dense total); or, for a quality budget, the least cost whose
-                    predicted loss L(a) + sum_s d_s(c_s) is within log(quality) of the reference's
+                    predicted loss L(a) + sum_s d_s(c_s) (a change of D taken as the same change of L) is within
+                    log(quality) of the reference's
     6. build        convert with the plan as layer_configs and copy each site's fitted layer from its candidate,
                     then measure it: a plan predicted from single-site changes meets the interactions of them all
 
@@ -177,7 +178,7 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
     reference = convert(model, reference_config, example_inputs=example_inputs, progress=False).eval()
     sites = reference.moe_report.converted
     evaluate = _Scorer(model, held_out, length, windows, bos)
-    dense, reference_score = evaluate(model), evaluate(reference)
+    dense_score, reference_score = evaluate(model), evaluate(reference)
 
     def measured(choices: Sequence[int]) -> _Score:  # the reference with site i's choice choices[i] (-1 dense)
         with _swapped(reference, {site.layer: converted[j].layers[site.name]
@@ -236,7 +237,7 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
             for i, (site, j) in enumerate(zip(sites, choices))]
     report = OptimizeReport(
         cost=cost, budget=budget, budget_of=budget_of, quality=quality,
-        anchor="dense" if anchor < 0 else f"uniform {labels[anchor]}", dense_perplexity=math.exp(dense.loss),
+        anchor="dense" if anchor < 0 else f"uniform {labels[anchor]}", dense_perplexity=math.exp(dense_score.loss),
         reference_perplexity=math.exp(reference_score.loss), plan=plan,
         predicted_perplexity=math.exp(anchored.loss + sum(p.predicted_change for p in plan)),
         perplexity=math.exp(result.loss), divergence=result.divergence, active=model_stats(built).active_fraction,
@@ -279,7 +280,7 @@ class _Score(NamedTuple):
 
 class _Scorer:
     """L and D of a model on the held-out windows, spread evenly over the held-out text; the dense model's top
-    tokens and their log-probabilities, per position, kept from the first call."""
+    tokens and their log-probabilities per position computed once, when it is made."""
 
     def __init__(self, dense: nn.Module, data: torch.Tensor, length: int, windows: int, bos: Optional[int]):
         self.inputs, self.targets = scored_windows(data, length, windows, bos, spread=True)
