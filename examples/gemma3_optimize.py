@@ -10,7 +10,8 @@ the best of them within the --budget of active FFN (or of FFN latency, --cost la
 8/k measured in the same run) each layer's change of the divergence from dense when it alone takes another choice
 (dense or a candidate); then chooses per layer at the least predicted divergence. The plan and that best uniform
 split (converted again with the same calibration) are measured on held-out prose (standard-library docstrings) and
-code (standard-library source), 8 windows of 256 tokens each, BOS first, beside the dense model; and the transformer
+code (standard-library source), up to 64 windows of 256 tokens spread over each (all 12,800 of the prose, 16,384 of
+the code's 54k), BOS first, beside the dense model; and the transformer
 body of each (no LM head: the FFNs are about a quarter of the whole model's FLOPs) is exported (target portable) and
 timed in ONNX Runtime on a 512-token prompt, 1 thread, in round-robin blocks. Writes docs/gemma3_optimize.json, .md
 and .png; keeps the plan and the uniform model in the cache.
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 import moe_compile as mc
-from moe_compile.example_text import calibration_batches, perplexity, stdlib_prose, stdlib_text, token_ids
+from moe_compile.example_text import calibration_batches, score, stdlib_prose, stdlib_text, token_ids
 from moe_compile.optimize import optimize
 from moe_compile.table import format_table
 from moe_compile.timing import ort_session, time_round_robin
@@ -38,7 +39,7 @@ from moe_compile.timing import ort_session, time_round_robin
 from gemma3 import CACHE, fetch, load  # examples/gemma3.py, beside this script
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-LENGTH, EVAL_WINDOWS, SENSITIVITY_WINDOWS = 256, 8, 16
+LENGTH, EVAL_WINDOWS, SENSITIVITY_WINDOWS = 256, 64, 16
 PROMPT = 512  # tokens of the timed prompt
 
 
@@ -56,7 +57,7 @@ def body_latency(models: dict, workdir: Path) -> dict:
 
 
 def measure(model, texts: dict, bos: int) -> dict:
-    return {name: perplexity(model, ids, length=LENGTH, max_windows=EVAL_WINDOWS, bos=bos)
+    return {name: score(model, ids, length=LENGTH, max_windows=EVAL_WINDOWS, bos=bos, spread=True)[0]
             for name, ids in texts.items()}
 
 
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> dict:
              "seconds": seconds, "body_ms": 1000 * latency[name], **measure(model, held_out, bos)}
             for name, (model, seconds) in models.items()]
     result = {"command": " ".join(sys.argv[1:]), "budget": args.budget, "cost": args.cost, "top_k": args.top_k,
-              "calibration_tokens": sample,
+              "calibration_tokens": sample, "eval_tokens": {name: min(len(ids) // LENGTH, EVAL_WINDOWS) * LENGTH
+                                                            for name, ids in held_out.items()},
               "rows": rows,
               "report": report.to_dict(), "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "machine": {"threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -142,6 +144,13 @@ def write_doc(result: dict) -> str:
             [("layer shape", "choice", "ms")] + [(shape, choice, f"{t:.2f}") for shape, ms in
                                                  report["latency_ms"].items() for choice, t in ms.items()]) + "\n```"
     machine = result["machine"]
+    cross_fit = "" if "cross_fitted_change" not in report else (  # runs before the cross-fit had none
+        f"\nPlans chosen on half the sensitivity windows (even or odd), their predicted change on the other half: "
+        f"{report['cross_fitted_change']:+.4f} nats from the anchor"
+        + (": no gain, so the plan is the anchor.\n" if report["anchor_kept"] else ".\n"))
+    held_out = ("8 windows of 256 tokens each, from the start of each text" if "eval_tokens" not in result else
+                ", ".join(f"{tokens:,} tokens of {name}" for name, tokens in result["eval_tokens"].items())
+                + "; windows of 256 tokens spread over each text")  # runs before 64 spread windows took 8
     calibrated = result.get("calibration_tokens", 16 * LENGTH)  # runs before --calibration-windows took 16 windows
     text = f"""# Per-layer sparsity for Gemma 3 270M (`optimize`, {"latency" if latency else "FLOP"} budget)
 
@@ -154,8 +163,8 @@ Candidates: k of 8 split experts for k in {', '.join(map(str, result['top_k']))}
 {calibrated:,} tokens of training prose, all in each layer's sample), or dense; the budget a share of the dense FFN's
 {"ONNX Runtime latency" if latency else "FLOPs"}.
 Sensitivity measured on {SENSITIVITY_WINDOWS} windows of 256 tokens spread over other training
-prose and as much training code; the results below on held-out prose and code, {EVAL_WINDOWS} windows of 256
-tokens each, BOS first. Body:
+prose and as much training code; the results below on held-out prose and code ({held_out}), BOS first.
+Body:
 the transformer without its LM head, exported (target portable), one {PROMPT}-token prompt in ONNX Runtime, 1 thread,
 median of 5 round-robin blocks.
 
@@ -169,6 +178,7 @@ token) at each layer when it alone changes from {report['anchor']}:
 ```
 {format_table(plan)}
 ```
+{cross_fit}
 
 On the sensitivity windows (where the plan was chosen, so its figure there is optimistic; divergence from dense in
 nats per token):

@@ -171,7 +171,9 @@ def _parser() -> argparse.ArgumentParser:
                     "layer's change of divergence from dense when it alone takes another choice; then choose per "
                     "layer dense or a candidate: the least predicted loss within --budget (a share of the dense "
                     "FFN's FLOPs, or of its ONNX Runtime latency with --cost latency), or the least cost within "
-                    "--quality (perplexity as a multiple of dense). Saves the model to --out.")
+                    "--quality (perplexity as a multiple of dense). Where plans chosen on half the windows do not "
+                    "gain on the other half, the gain is noise and the best uniform conversion is kept. Saves the "
+                    "model to --out.")
     _add_source(optimizing, saved=False)
     goal = optimizing.add_mutually_exclusive_group(required=True)
     goal.add_argument("--budget", type=_budget, metavar="F|K/E",

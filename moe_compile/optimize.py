@@ -20,7 +20,10 @@ far less noise.
                     rounded to MAX_UNITS of the dense total); or, for a quality budget, the least cost whose
                     predicted loss L(a) + sum_s d_s(c_s) (a change of D taken as the same change of L) is within
                     log(quality) of the reference's
-    6. build        convert with the plan as layer_configs and copy each site's fitted layer from its candidate,
+    6. cross-fit    the plan chosen on the even windows, its predicted change on the odd ones, and the other way
+                    round: where their mean is no gain over the anchor (for a quality budget: not within it), the
+                    plan's gain is noise in its windows, and the anchor's plan is the plan
+    7. build        convert with the plan as layer_configs and copy each site's fitted layer from its candidate,
                     then measure it: a plan predicted from single-site changes meets the interactions of them all
 
 The result is an ordinary converted model (save, load, export); OptimizeReport holds the plan, predicted against
@@ -78,6 +81,8 @@ class OptimizeReport:
     budget_of: Optional[str]  # the candidate ("k/E") whose uniform cost, measured in this run, set the budget
     quality: Optional[float]  # perplexity ratio asked for, or None
     anchor: str  # "uniform k/E" or "dense": the plan the sensitivities were measured around
+    cross_fitted_change: float  # plans chosen on half the windows, their predicted change on the other (nats)
+    anchor_kept: bool  # the cross-fitted plans did not beat the anchor (or meet the quality): the plan is the anchor
     dense_perplexity: float
     reference_perplexity: float  # split k = E, which should equal dense
     plan: list[SitePlan]
@@ -106,7 +111,9 @@ class OptimizeReport:
                      divergence, f"{perplexity:.3f}", f"{perplexity / ratio:.3f}x")
                     for label, divergence, perplexity in (("predicted", "", self.predicted_perplexity),
                                                           ("measured", f"{self.divergence:.4f}", self.perplexity))]
-        tables = [f"sensitivities measured around: {self.anchor}", format_table(rows), format_table(summary)]
+        held = (f"plans chosen on half the windows, on the other half: {self.cross_fitted_change:+.4f} nats from the "
+                "anchor" + (" (no gain: the plan is the anchor)" if self.anchor_kept else ""))
+        tables = [f"sensitivities measured around: {self.anchor}\n{held}", format_table(rows), format_table(summary)]
         if latency:
             tables.append(format_table([("layer shape", "choice", "ms")] + [
                 (shape, choice, f"{t:.3f}") for shape, ms in self.latency_ms.items() for choice, t in ms.items()]))
@@ -117,7 +124,8 @@ class OptimizeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"cost": self.cost, "budget": self.budget, "budget_of": self.budget_of, "quality": self.quality,
-                "anchor": self.anchor, "dense_perplexity": self.dense_perplexity,
+                "anchor": self.anchor, "cross_fitted_change": self.cross_fitted_change,
+                "anchor_kept": self.anchor_kept, "dense_perplexity": self.dense_perplexity,
                 "reference_perplexity": self.reference_perplexity, "plan": [vars(p) for p in self.plan],
                 "predicted_perplexity": self.predicted_perplexity, "perplexity": self.perplexity,
                 "divergence": self.divergence, "active": self.active, "predicted_cost": self.predicted_cost,
@@ -168,6 +176,11 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
     """
     start = time.perf_counter()
     candidates = _checked(budget, quality, candidates, cost, target, threads, latency_tokens)
+    evaluate = _Scorer(model, held_out, length, windows, bos)
+    if len(evaluate.targets) < 2:
+        raise ValueError(f"optimize: one window of {length} tokens to measure on (windows={windows}, held_out of "
+                         f"{len(held_out)} tokens); the plan is chosen on half the windows and checked on the other "
+                         f"half: give windows >= 2 and at least {2 * length + 1} tokens of held_out.")
     batches = list(calibration_data)
     converted = []
     for config in tqdm(candidates, desc="converting candidates", unit="candidate", disable=not progress):
@@ -177,7 +190,6 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
                                  top_k=candidates[0].num_experts, split_strategy="contiguous")
     reference = convert(model, reference_config, example_inputs=example_inputs, progress=False).eval()
     sites = reference.moe_report.converted
-    evaluate = _Scorer(model, held_out, length, windows, bos)
     dense_score, reference_score = evaluate(model), evaluate(reference)
 
     def measured(choices: Sequence[int]) -> _Score:  # the reference with site i's choice choices[i] (-1 dense)
@@ -208,18 +220,23 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
                for j, (c, s) in enumerate(zip(converted, uniform_scores))]
     anchor = _anchor(_units(costs), [s.loss for s in uniform_scores], reference_score.loss, budget, quality)
     anchored = reference_score if anchor < 0 else uniform_scores[anchor]
-    changes = np.zeros((len(sites), 1 + len(converted)))  # d_s(c): dense, then each candidate
+    window_changes = np.zeros((len(sites), 1 + len(converted), len(anchored.windows)))  # d_s(c) per window
     for i in range(len(sites)):
         for j in range(-1, len(converted)):
             if j != anchor:
                 choices = [anchor] * len(sites)
                 choices[i] = j
-                changes[i, j + 1] = measured(choices).divergence - anchored.divergence
+                window_changes[i, j + 1] = measured(choices).windows - anchored.windows
                 steps.update()
     steps.close()
+    changes = window_changes.mean(-1)  # dense, then each candidate
 
     allowance = None if quality is None else reference_score.loss + math.log(quality) - anchored.loss
     choices, frontier = _plan(changes, costs, budget, allowance)
+    cross_fitted = _cross_fitted(window_changes, costs, budget, allowance)
+    anchor_kept = anchor >= 0 and choices != [anchor] * len(sites) and not cross_fitted < (allowance or 0.0)
+    if anchor_kept:  # plans chosen on half the windows do not hold on the other half: the gain is noise
+        choices = [anchor] * len(sites)
     choice_of = {site.name: j for site, j in zip(sites, choices)}
     plan_configs = {name: None if j < 0 else converted[j].configs[name] for name, j in choice_of.items()}
     base = converted[max(set(choices) - {-1}, key=choices.count)].config  # the report's config: the most chosen
@@ -237,7 +254,8 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
             for i, (site, j) in enumerate(zip(sites, choices))]
     report = OptimizeReport(
         cost=cost, budget=budget, budget_of=budget_of, quality=quality,
-        anchor="dense" if anchor < 0 else f"uniform {labels[anchor]}", dense_perplexity=math.exp(dense_score.loss),
+        anchor="dense" if anchor < 0 else f"uniform {labels[anchor]}", cross_fitted_change=cross_fitted,
+        anchor_kept=anchor_kept, dense_perplexity=math.exp(dense_score.loss),
         reference_perplexity=math.exp(reference_score.loss), plan=plan,
         predicted_perplexity=math.exp(anchored.loss + sum(p.predicted_change for p in plan)),
         perplexity=math.exp(result.loss), divergence=result.divergence, active=model_stats(built).active_fraction,
@@ -276,6 +294,7 @@ def _label(config: MoEConfig) -> str:
 class _Score(NamedTuple):
     loss: float  # L: mean next-token cross-entropy, nats
     divergence: float  # D: mean KL(dense || model) over the dense model's TOP_TOKENS likeliest tokens, nats
+    windows: np.ndarray  # D of each window [windows] (D is their mean)
 
 
 class _Scorer:
@@ -289,13 +308,14 @@ class _Scorer:
                     for logits, _ in window_logits(dense, self.inputs, self.targets, self.bos)]
 
     def __call__(self, model: nn.Module) -> _Score:
-        loss = divergence = 0.0
+        loss, windows = 0.0, []
         for (logits, targets), (log_p, tokens) in zip(window_logits(model, self.inputs, self.targets, self.bos),
                                                       self.top):
             log_q = F.log_softmax(logits.float(), -1)
             loss -= float(log_q.gather(-1, targets[..., None]).sum())
-            divergence += float(_coarse_kl(log_p, log_q.gather(-1, tokens)).sum())
-        return _Score(loss / self.targets.numel(), divergence / self.targets.numel())
+            windows.append(_coarse_kl(log_p, log_q.gather(-1, tokens)).mean(-1))
+        windows = torch.cat(windows).double().numpy()
+        return _Score(loss / self.targets.numel(), float(windows.mean()), windows)
 
 
 def _coarse_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -466,6 +486,20 @@ def _plans(changes: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarr
             new[better], choose[s, better] = shifted[better], j - 1
         best = new
     return best, choose, cost
+
+
+def _cross_fitted(window_changes: np.ndarray, costs: np.ndarray, budget: Optional[float],
+                  allowance: Optional[float]) -> float:
+    """The predicted change of a plan chosen on half the windows (even or odd; window_changes [sites, choices,
+    windows]), measured on the other half: the mean of both ways. A plan whose gain is noise in its windows scores
+    about 0 or worse here, where the plan chosen on all of them looks better than it is."""
+    halves = window_changes[..., 0::2].mean(-1), window_changes[..., 1::2].mean(-1)
+    held = []
+    for chosen_on, other in (halves, halves[::-1]):
+        best, choose, cost = _plans(chosen_on, costs)
+        choices = _backtrack(choose, cost, _chosen_cost(best, int(cost[:, 0].sum()), budget, allowance))
+        held.append(sum(other[s, j + 1] for s, j in enumerate(choices)))
+    return float(np.mean(held))
 
 
 def _chosen_cost(best: np.ndarray, whole: int, budget: Optional[float], allowance: Optional[float]) -> int:

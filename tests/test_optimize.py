@@ -14,7 +14,7 @@ import torch
 import moe_compile as mc
 from moe_compile.cli import main
 from moe_compile.example_text import calibration_batches, score
-from moe_compile.optimize import _anchor, _coarse_kl, _Dense, _plan, _Scorer, optimize
+from moe_compile.optimize import _anchor, _coarse_kl, _cross_fitted, _Dense, _plan, _Scorer, optimize
 
 from .conftest import VOCAB, logits_of
 
@@ -103,6 +103,8 @@ def test_optimize_meets_its_budget_with_an_ordinary_converted_model(optimized, n
     assert report.anchor == "uniform " + min(fits, key=lambda u: u["perplexity"])["choice"]
     anchor_choice = report.anchor.split()[1]
     assert all(p.changes[anchor_choice] == 0 and list(p.changes) == ["dense", "1/4", "2/4"] for p in report.plan)
+    if report.anchor_kept:  # plans chosen on half the windows did not beat the anchor on the other half
+        assert report.cross_fitted_change >= 0 and all(p.choice == anchor_choice for p in report.plan)
     assert report.divergence >= 0
     ratios = [p for _, p in report.frontier]
     assert ratios == sorted(ratios, reverse=True)  # more active FFN, less loss
@@ -136,13 +138,15 @@ def test_the_divergence_is_the_kl_over_the_top_tokens_and_the_rest_as_one():
 def test_the_scorer_measures_cross_entropy_and_divergence_from_dense(nanogpt, text):
     scorer = _Scorer(nanogpt, text, length=16, windows=4, bos=None)
     dense = scorer(nanogpt)
-    assert dense.divergence == pytest.approx(0, abs=1e-6)
+    assert dense.divergence == pytest.approx(0, abs=1e-6) and dense.windows.shape == (4,)
     assert math.exp(dense.loss) == pytest.approx(score(nanogpt, text, 16, max_windows=4, spread=True)[0], rel=1e-5)
     moe = mc.convert(nanogpt, mc.MoEConfig(experts="split", num_experts=4, top_k=1), progress=False).eval()
     with torch.no_grad():  # a vocabulary of VOCAB < TOP_TOKENS: the divergence is the whole KL
         log_p, log_q = (m(scorer.inputs).log_softmax(-1) for m in (nanogpt, moe))
     whole = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    assert scorer(moe).divergence == pytest.approx(whole, abs=1e-6) and whole > 0
+    measured = scorer(moe)
+    assert measured.divergence == pytest.approx(whole, abs=1e-6) and whole > 0
+    assert measured.windows.mean() == pytest.approx(measured.divergence)
 
 
 def test_the_report_plots_and_serialises(optimized, tmp_path):
@@ -200,11 +204,26 @@ def test_a_latency_budget_is_met_in_onnx_runtime_time(text):
     ({"budget": 0.5, "cost": "time"}, ValueError, "cost='time' is unknown"),
     ({"budget": "3/8"}, ValueError, "budget='3/8' names no candidate"),
     ({"budget": 0.5, "cost": "latency", "target": "tensorrt"}, ValueError, "not 'tensorrt'"),
+    ({"budget": 0.5, "windows": 1}, ValueError, "give windows >= 2"),
 ])
 def test_bad_budgets_and_candidates_name_the_problem(nanogpt, text, settings, error, message):
     batches = calibration_batches(length=16, count=4, batch_size=4, data=text[:2000])
     with pytest.raises(error, match=message):
-        optimize(nanogpt, batches, text[2000:], length=16, windows=2, progress=False, **settings)
+        optimize(nanogpt, batches, text[2000:], **{"length": 16, "windows": 2, "progress": False, **settings})
+
+
+@pytest.mark.parametrize("dense_change, expected", [
+    ([-0.1] * 4, -0.08),  # site 0 dense gains in every window: the trade holds on either half
+    ([-0.3, 0.2] * 2, 0.11),  # it gains only in the even windows: chosen there, it loses on the odd ones
+])
+def test_a_plan_is_cross_fitted_on_the_half_of_the_windows_it_was_not_chosen_on(dense_change, expected):
+    costs = np.array([[3.0, 1.0, 2.0]] * 2)  # dense, a cheaper and the anchor's choice at two sites
+    window_changes = np.zeros((2, 3, 4))  # [site, choice, window]
+    window_changes[0, 0] = dense_change  # site 0 dense,
+    window_changes[1, 1] = 0.02  # paid for by site 1 on the cheaper choice, at the anchor's cost (4 of 6)
+    window_changes[[0, 1], [1, 0]] = 1.0  # the other trade is bad everywhere
+    assert _plan(window_changes.mean(-1), costs, 4 / 6, None)[0] == [-1, 0]  # all windows: the trade looks good
+    assert _cross_fitted(window_changes, costs, 4 / 6, None) == pytest.approx(expected)
 
 
 def test_a_quality_no_candidate_meets_is_refused():
