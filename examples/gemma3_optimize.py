@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnxruntime
 import torch
 
 import moe_compile as mc
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
               "rows": rows,
               "report": report.to_dict(), "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "machine": {"threads": torch.get_num_threads(), "python": platform.python_version(),
-                          "torch": torch.__version__}}
+                          "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
     (DOCS / f"gemma3_optimize{suffix(args.cost)}.json").write_text(json.dumps(result, indent=1) + "\n")
     report.plot(DOCS / f"gemma3_optimize{suffix(args.cost)}.png")
     return result
@@ -144,6 +145,7 @@ def write_doc(result: dict) -> str:
             [("layer shape", "choice", "ms")] + [(shape, choice, f"{t:.2f}") for shape, ms in
                                                  report["latency_ms"].items() for choice, t in ms.items()]) + "\n```"
     machine = result["machine"]
+    ort = f", onnxruntime {machine['onnxruntime']}" if "onnxruntime" in machine else ""  # older results have none
     cross_fit = "" if "cross_fitted_change" not in report else (  # runs before the cross-fit had none
         f"\nPlans chosen on half the sensitivity windows (even or odd), their predicted change on the other half: "
         f"{report['cross_fitted_change']:+.4f} nats from the anchor"
@@ -158,7 +160,7 @@ def write_doc(result: dict) -> str:
 python examples/gemma3_optimize.py {result['command']}
 ```
 
-{machine['threads']} threads, torch {machine['torch']}; peak memory {result['peak_memory_mb'] / 1024:.1f} GiB.
+{machine['threads']} threads, torch {machine['torch']}{ort}; peak memory {result['peak_memory_mb'] / 1024:.1f} GiB.
 Candidates: k of 8 split experts for k in {', '.join(map(str, result['top_k']))} (calibrated defaults,
 {calibrated:,} tokens of training prose, all in each layer's sample), or dense; the budget a share of the dense FFN's
 {"ONNX Runtime latency" if latency else "FLOPs"}.
