@@ -130,7 +130,8 @@ def write_doc(result: dict) -> str:
               for r in rows]
     choices = list(report["plan"][0]["changes"])
     plan = [("layer", "plan", *choices)]
-    plan += [(p["site"], p["choice"], *(f"{p['changes'][c]:+.4f}" for c in choices)) for p in report["plan"]]
+    plan += [(p["site"], p["choice"], *(f"{p['changes'][c]:+.4f}" + (f"±{p['errors'][c]:.4f}" if "errors" in p else "")
+                                        for c in choices)) for p in report["plan"]]  # older results have no errors
     sensitivity = [("model", "active FFN", *(("FFN latency",) * latency), "divergence", "perplexity", "vs dense")]
     sensitivity += [(f"uniform {u['choice']}", f"{u['active']:.1%}", *([f"{u['cost']:.1%}"] if latency else []),
                      f"{u['divergence']:.4f}", f"{u['perplexity']:.2f}",
@@ -145,6 +146,7 @@ def write_doc(result: dict) -> str:
             [("layer shape", "choice", "ms")] + [(shape, choice, f"{t:.2f}") for shape, ms in
                                                  report["latency_ms"].items() for choice, t in ms.items()]) + "\n```"
     machine = result["machine"]
+    errors = ", ± its standard error over the sensitivity windows" if "errors" in report["plan"][0] else ""
     ort = f", onnxruntime {machine['onnxruntime']}" if "onnxruntime" in machine else ""  # older results have none
     cross_fit = "" if "cross_fitted_change" not in report else (  # runs before the cross-fit had none
         f"\nPlans chosen on half the sensitivity windows (even or odd), their predicted change on the other half: "
@@ -175,7 +177,7 @@ median of 5 round-robin blocks.
 ```
 
 The plan, and each choice's change of the divergence from dense (KL over dense's 256 likeliest tokens, nats per
-token) at each layer when it alone changes from {report['anchor']}:
+token) at each layer when it alone changes from {report['anchor']}{errors}:
 
 ```
 {format_table(plan)}

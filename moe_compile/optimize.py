@@ -72,6 +72,7 @@ class SitePlan:
     cost: float  # the choice's cost as a share of the site's dense cost (FLOPs: = active; or latency)
     predicted_change: float  # d_s of the choice: D's change from the anchor's choice at this site, in nats
     changes: dict[str, float] = field(default_factory=dict)  # d_s of every choice, dense first
+    errors: dict[str, float] = field(default_factory=dict)  # standard error of each d_s over the windows
 
 
 @dataclass
@@ -99,9 +100,9 @@ class OptimizeReport:
     def table(self) -> str:
         ratio, latency = self.dense_perplexity, self.cost == "latency"
         rows = [("site", "plan", "active FFN", *(("FFN latency",) * latency), "change from anchor",
-                 "every choice's change from anchor")]
+                 "every choice's change from anchor ± its error")]
         rows += [(p.site, p.choice, f"{p.active:.1%}", *((f"{p.cost:.1%}",) * latency), f"{p.predicted_change:+.4f}",
-                  "  ".join(f"{c} {d:+.4f}" for c, d in p.changes.items())) for p in self.plan]
+                  "  ".join(f"{c} {d:+.4f}±{p.errors[c]:.4f}" for c, d in p.changes.items())) for p in self.plan]
         summary = [("model", "active FFN", *(("FFN latency",) * latency), "divergence", "perplexity", "vs dense")]
         summary.append(("dense", "100.0%", *(("100.0%",) * latency), "0", f"{self.dense_perplexity:.3f}", "1.000x"))
         summary += [(f"uniform {u['choice']}", f"{u['active']:.1%}", *((f"{u['cost']:.1%}",) * latency),
@@ -230,6 +231,7 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
                 steps.update()
     steps.close()
     changes = window_changes.mean(-1)  # dense, then each candidate
+    errors = window_changes.std(-1, ddof=1) / math.sqrt(window_changes.shape[-1])
 
     allowance = None if quality is None else reference_score.loss + math.log(quality) - anchored.loss
     choices, frontier = _plan(changes, costs, budget, allowance)
@@ -250,7 +252,8 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
 
     plan = [SitePlan(site.name, "dense" if j < 0 else labels[j], 1.0 if j < 0 else float(shares[i, j]),
                      float(costs[i, j + 1] / costs[i, 0]), float(changes[i, j + 1]),
-                     dict(zip(["dense", *labels], map(float, changes[i]))))
+                     dict(zip(["dense", *labels], map(float, changes[i]))),
+                     dict(zip(["dense", *labels], map(float, errors[i]))))
             for i, (site, j) in enumerate(zip(sites, choices))]
     report = OptimizeReport(
         cost=cost, budget=budget, budget_of=budget_of, quality=quality,

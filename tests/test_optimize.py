@@ -103,6 +103,9 @@ def test_optimize_meets_its_budget_with_an_ordinary_converted_model(optimized, n
     assert report.anchor == "uniform " + min(fits, key=lambda u: u["perplexity"])["choice"]
     anchor_choice = report.anchor.split()[1]
     assert all(p.changes[anchor_choice] == 0 and list(p.changes) == ["dense", "1/4", "2/4"] for p in report.plan)
+    assert all(p.errors[anchor_choice] == 0 and list(p.errors) == list(p.changes) and min(p.errors.values()) >= 0
+               for p in report.plan)
+    assert any(error > 0 for p in report.plan for error in p.errors.values())  # the windows differ
     if report.anchor_kept:  # plans chosen on half the windows did not beat the anchor on the other half
         assert report.cross_fitted_change >= 0 and all(p.choice == anchor_choice for p in report.plan)
     assert report.divergence >= 0
