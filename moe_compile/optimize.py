@@ -317,8 +317,8 @@ class _Scorer:
             log_q = F.log_softmax(logits.float(), -1)
             loss -= float(log_q.gather(-1, targets[..., None]).sum())
             windows.append(_coarse_kl(log_p, log_q.gather(-1, tokens)).mean(-1))
-        windows = torch.cat(windows).double().numpy()
-        return _Score(loss / self.targets.numel(), float(windows.mean()), windows)
+        divergences = torch.cat(windows).double().numpy()
+        return _Score(loss / self.targets.numel(), float(divergences.mean()), divergences)
 
 
 def _coarse_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

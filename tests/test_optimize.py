@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -227,6 +228,26 @@ def test_a_plan_is_cross_fitted_on_the_half_of_the_windows_it_was_not_chosen_on(
     window_changes[[0, 1], [1, 0]] = 1.0  # the other trade is bad everywhere
     assert _plan(window_changes.mean(-1), costs, 4 / 6, None)[0] == [-1, 0]  # all windows: the trade looks good
     assert _cross_fitted(window_changes, costs, 4 / 6, None) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("cross_fitted, kept", [(1.0, True), (-1.0, False)])
+def test_a_plan_that_does_not_hold_on_the_other_half_gives_way_to_the_anchor(nanogpt, text, monkeypatch,
+                                                                              cross_fitted, kept):
+    optimize_module = importlib.import_module("moe_compile.optimize")  # the package's `optimize` is the function
+    def mixed(changes, costs, budget, allowance):  # site 0 on the first candidate, site 1 on the second: not uniform
+        return [0, 1], _plan(changes, costs, budget, allowance)[1]
+
+    monkeypatch.setattr(optimize_module, "_plan", mixed)
+    monkeypatch.setattr(optimize_module, "_cross_fitted", lambda *args: cross_fitted)
+    batches = calibration_batches(length=16, count=4, batch_size=4, data=text[:2000])
+    model, report = optimize(nanogpt, batches, text[2000:], budget=0.5, candidates=CANDIDATES, length=16, windows=4,
+                             progress=False)
+    anchor_choice = report.anchor.split()[1]
+    assert report.anchor_kept is kept and report.cross_fitted_change == cross_fitted
+    expected = [anchor_choice] * 2 if kept else ["1/4", "2/4"]
+    assert [p.choice for p in report.plan] == expected
+    assert [f"{layer.router.top_k + (0 if layer.shared is None else layer.shared.width // layer.expert_width)}/4"
+            for _, layer in mc.moe.iter_moe_layers(model)] == expected  # the model built is the plan reported
 
 
 def test_a_quality_no_candidate_meets_is_refused():
