@@ -32,7 +32,7 @@ import onnxruntime
 import torch
 
 import moe_compile as mc
-from moe_compile.example_text import calibration_batches, score, stdlib_prose, stdlib_text, token_ids
+from moe_compile.example_text import calibration_batches, score, scored_windows, stdlib_prose, stdlib_text, token_ids
 from moe_compile.optimize import optimize
 from moe_compile.table import format_table
 from moe_compile.timing import ort_session, time_round_robin
@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> dict:
              "seconds": seconds, "body_ms": 1000 * latency[name], **measure(model, held_out, bos)}
             for name, (model, seconds) in models.items()]
     result = {"command": " ".join(sys.argv[1:]), "budget": args.budget, "cost": args.cost, "top_k": args.top_k,
-              "calibration_tokens": sample, "eval_tokens": {name: min(len(ids) // LENGTH, EVAL_WINDOWS) * LENGTH
-                                                            for name, ids in held_out.items()},
+              "calibration_tokens": sample,
+              "eval_tokens": {name: scored_windows(ids, LENGTH, EVAL_WINDOWS)[1].numel()
+                              for name, ids in held_out.items()},
               "rows": rows,
               "report": report.to_dict(), "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "machine": {"threads": torch.get_num_threads(), "python": platform.python_version(),

@@ -460,15 +460,20 @@ def _plan(changes: np.ndarray, costs: np.ndarray, budget: Optional[float],
     """Each site's choice in the plan (-1 dense, else a candidate's column), and the frontier searched.
     changes[s]: the predicted loss change of each choice at site s, costs[s] its cost, both dense first, then each
     candidate; the plan's predicted change within `allowance` for a quality budget."""
-    best, choose, cost = _plans(changes, costs)
-    whole = int(cost[:, 0].sum())
-    choices = _backtrack(choose, cost, _chosen_cost(best, whole, budget, allowance))
+    choices, best = _best(changes, costs, budget, allowance)
     if all(j < 0 for j in choices):
         goal = f"budget={budget}" if budget is not None else "the quality asked for"
         raise MoECompileError(f"optimize: the best plan for {goal} keeps every layer dense (no candidate is cheaper "
                               "and good enough). Allow more loss, e.g. quality=1.5, give candidates with more "
                               "experts active, or, with cost='latency', time more tokens (latency_tokens).")
-    return choices, _frontier(best, whole)
+    return choices, _frontier(best, int(_units(costs)[:, 0].sum()))
+
+
+def _best(changes: np.ndarray, costs: np.ndarray, budget: Optional[float],
+          allowance: Optional[float]) -> tuple[list[int], np.ndarray]:
+    """Each site's choice in the best plan for the goal, and `best` of the dynamic programme it came from."""
+    best, choose, cost = _plans(changes, costs)
+    return _backtrack(choose, cost, _chosen_cost(best, int(cost[:, 0].sum()), budget, allowance)), best
 
 
 def _plans(changes: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -499,8 +504,7 @@ def _cross_fitted(window_changes: np.ndarray, costs: np.ndarray, budget: Optiona
     halves = window_changes[..., 0::2].mean(-1), window_changes[..., 1::2].mean(-1)
     held = []
     for chosen_on, other in (halves, halves[::-1]):
-        best, choose, cost = _plans(chosen_on, costs)
-        choices = _backtrack(choose, cost, _chosen_cost(best, int(cost[:, 0].sum()), budget, allowance))
+        choices = _best(chosen_on, costs, budget, allowance)[0]
         held.append(sum(other[s, j + 1] for s, j in enumerate(choices)))
     return float(np.mean(held))
 
