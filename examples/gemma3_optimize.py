@@ -1,20 +1,21 @@
 """Per-layer sparsity for a real pretrained LLM: `moe_compile.optimize` on Gemma 3 270M, against uniform splits.
 
     python examples/gemma3_optimize.py --budget 0.5          # needs the `gguf` extra (and `plot` for the PNG)
-    python examples/gemma3_optimize.py --cost latency --budget 4/8     # at the latency of uniform 8/4
+    python examples/gemma3_optimize.py --cost latency --budget 2/8 --candidates 2/8 3/16 4/16 5/16
 
-optimize converts Gemma 3 270M once per candidate (k of 8 split experts for each --top-k, calibrated with the
-defaults on 64 windows of 256 tokens of training prose, every token in each layer's sample), measures each candidate
-on every layer on 16 windows spread over the other half of the training prose and as much training code, and around
-the best of them within the --budget of active FFN (or of FFN latency, --cost latency; or "k/8": the cost of uniform
-8/k measured in the same run) each layer's change of the divergence from dense when it alone takes another choice
-(dense or a candidate); then chooses per layer at the least predicted divergence. The plan and that best uniform
-split (converted again with the same calibration) are measured on held-out prose (standard-library docstrings) and
-code (standard-library source), up to 64 windows of 256 tokens spread over each (all 12,800 of the prose, 16,384 of
-the code's 54k), BOS first, beside the dense model; and the transformer
-body of each (no LM head: the FFNs are about a quarter of the whole model's FLOPs) is exported (target portable) and
-timed in ONNX Runtime on a 512-token prompt, 1 thread, in round-robin blocks. Writes docs/gemma3_optimize.json, .md
-and .png; keeps the plan and the uniform model in the cache.
+optimize converts Gemma 3 270M once per candidate (k of E split experts active for each --candidates k/E, calibrated
+with the defaults on 64 windows of 256 tokens of training prose, every token in each layer's sample), measures each
+candidate on every layer on 16 windows spread over the other half of the training prose and as much training code,
+and around the best of them within the --budget of active FFN (or of FFN latency, --cost latency; or a candidate
+"k/E": its cost on every layer, measured in the same run) each layer's change of the divergence from dense when it
+alone takes another choice (dense or a candidate); then chooses per layer at the least predicted divergence. The
+plan and every uniform split within the budget (converted again with the same calibration, cached) are measured on
+held-out prose (standard-library docstrings) and code (standard-library source), up to 64 windows of 256 tokens
+spread over each (all 12,800 of the prose, 16,384 of the code's 54k), BOS first, beside the dense model; and the
+transformer body of each (no LM head: the FFNs are about a quarter of the whole model's FLOPs) is exported (target
+portable) and timed in ONNX Runtime on a 512-token prompt, 1 thread, in round-robin blocks. Writes
+docs/gemma3_optimize.json, .md and .png (gemma3_optimize_latency.* for a latency budget, or --out); keeps the
+plan and the uniform models in the cache.
 """
 
 from __future__ import annotations
@@ -74,58 +75,75 @@ def run(args: argparse.Namespace) -> dict:
     #                                             a small one: 4,096 tokens measured 1.52x dense at 8/4, 16,384 1.35x)
     held_out = {"prose": token_ids(stdlib_prose("validation"), tokenizer),
                 "code": token_ids(stdlib_text("validation"), tokenizer)}
-    candidates = [mc.MoEConfig(experts="split", num_experts=8, top_k=k, calibration_tokens=sample) for k in args.top_k]
+    candidates = [split(label, sample) for label in args.candidates]
     start = time.perf_counter()
     moe, report = optimize(dense, calibration, sensitivity_part, budget=args.budget, candidates=candidates,
                            length=LENGTH, windows=SENSITIVITY_WINDOWS, bos=bos, cost=args.cost,
                            latency_tokens=PROMPT)
     optimize_s = time.perf_counter() - start
     print(report, flush=True)
-    start = time.perf_counter()
-    if report.anchor == "dense":
+    fitting = [u["choice"] for u in report.uniform if u["cost"] <= report.budget + 1e-9]
+    if not fitting:
         raise SystemExit("no uniform split fits the budget: there is nothing to compare the plan with")
-    uniform_k = int(report.anchor.removeprefix("uniform ").split("/")[0])  # the best uniform split within the budget
-    uniform = mc.convert(dense, mc.MoEConfig(experts="split", num_experts=8, top_k=uniform_k,
-                                             calibration_tokens=sample), calibration_data=calibration, progress=False)
-    uniform_s = time.perf_counter() - start
-    for name, model in (("plan", moe), ("uniform", uniform)):
-        mc.save(model, CACHE.parent / "gemma3-optimize" / f"{name}{suffix(args.cost)}")
-    models = {"dense": (dense, None), f"uniform split 8/{uniform_k}": (uniform, uniform_s),
-              f"optimize, {args.cost} budget {budget_label(report)}": (moe, optimize_s)}
+    models = {"dense": (dense, None)}
+    for label in fitting:  # every uniform split within the budget, the best of them (the anchor) among them
+        models[f"uniform split {label}"] = uniform(dense, label, sample, calibration)
+    mc.save(moe, CACHE.parent / "gemma3-optimize" / args.out)
+    models[f"optimize, {args.cost} budget {budget_label(report)}"] = (moe, optimize_s)
     with tempfile.TemporaryDirectory() as workdir:
         latency = body_latency({name: model for name, (model, _) in models.items()}, Path(workdir))
-    rows = [{"model": name, "active": mc.model_stats(model).active_fraction if seconds is not None else 1.0,
+    rows = [{"model": name, "active": 1.0 if model is dense else mc.model_stats(model).active_fraction,
              "seconds": seconds, "body_ms": 1000 * latency[name], **measure(model, held_out, bos)}
             for name, (model, seconds) in models.items()]
-    result = {"command": " ".join(sys.argv[1:]), "budget": args.budget, "cost": args.cost, "top_k": args.top_k,
-              "calibration_tokens": sample,
+    result = {"command": " ".join(sys.argv[1:]), "budget": args.budget, "cost": args.cost,
+              "candidates": args.candidates, "calibration_tokens": sample,
               "eval_tokens": {name: scored_windows(ids, LENGTH, EVAL_WINDOWS)[1].numel()
                               for name, ids in held_out.items()},
               "rows": rows,
               "report": report.to_dict(), "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "machine": {"threads": torch.get_num_threads(), "python": platform.python_version(),
                           "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
-    (DOCS / f"gemma3_optimize{suffix(args.cost)}.json").write_text(json.dumps(result, indent=1) + "\n")
-    report.plot(DOCS / f"gemma3_optimize{suffix(args.cost)}.png")
+    (DOCS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+    report.plot(DOCS / f"{args.out}.png")
     return result
+
+
+def split(label: str, sample: int) -> mc.MoEConfig:
+    """The calibrated split config "k/E": k of E experts active, `sample` calibration tokens in each site's sample."""
+    k, experts = map(int, label.split("/"))
+    return mc.MoEConfig(experts="split", num_experts=experts, top_k=k, calibration_tokens=sample)
+
+
+def uniform(dense, label: str, sample: int, calibration: list) -> tuple:
+    """Uniform split `label` of Gemma, converted with the same calibration as optimize's candidates, and the seconds
+    its conversion took; cached by label (conversion is deterministic: the cached model is the one this run would
+    convert), seconds None when loaded from the cache."""
+    path = CACHE.parent / "gemma3-optimize" / f"uniform-{label.replace('/', '-of-')}-{sample}"
+    if path.exists():
+        return mc.load(path), None
+    start = time.perf_counter()
+    model = mc.convert(dense, split(label, sample), calibration_data=calibration, progress=False)
+    seconds = time.perf_counter() - start
+    mc.save(model, path)
+    return model, seconds
 
 
 def budget_label(report) -> str:
     return f"{report.budget:.1%}" + (f" (uniform {report.budget_of.replace('/', ' of ')})" if report.budget_of else "")
 
 
-def suffix(cost: str) -> str:
-    """Result files of a FLOP budget have no suffix, those of a latency budget `_latency`."""
-    return "" if cost == "flops" else f"_{cost}"
+def converted(row: dict, dense: dict) -> str:
+    """The row's conversion time: "-" for dense, "cached" for a uniform split loaded from the cache."""
+    return "-" if row is dense else "cached" if row["seconds"] is None else f"{row['seconds'] / 60:.1f} min"
 
 
-def write_doc(result: dict) -> str:
+def write_doc(result: dict, out: str) -> str:
     rows, report, cost = result["rows"], result["report"], result.get("cost", "flops")
     latency = cost == "latency"
     dense = rows[0]
     table = [("model", "active FFN", "convert", "prose ppl", "vs dense", "code ppl", "vs dense", "body, 512 tokens",
               "vs dense")]
-    table += [(r["model"], f"{r['active']:.1%}", "-" if r["seconds"] is None else f"{r['seconds'] / 60:.1f} min",
+    table += [(r["model"], f"{r['active']:.1%}", converted(r, rows[0]),
                f"{r['prose']:.2f}", f"{r['prose'] / dense['prose']:.2f}x", f"{r['code']:.2f}",
                f"{r['code'] / dense['code']:.2f}x", f"{r['body_ms']:.0f} ms", f"{r['body_ms'] / dense['body_ms']:.2f}x")
               for r in rows]
@@ -164,7 +182,7 @@ python examples/gemma3_optimize.py {result['command']}
 ```
 
 {machine['threads']} threads, torch {machine['torch']}{ort}; peak memory {result['peak_memory_mb'] / 1024:.1f} GiB.
-Candidates: k of 8 split experts for k in {', '.join(map(str, result['top_k']))} (calibrated defaults,
+Candidates: split experts k of E active for k/E in {', '.join(result['candidates'])} (calibrated defaults,
 {calibrated:,} tokens of training prose, all in each layer's sample), or dense; the budget a share of the dense FFN's
 {"ONNX Runtime latency" if latency else "FLOPs"}.
 Sensitivity measured on {SENSITIVITY_WINDOWS} windows of 256 tokens spread over other training
@@ -192,26 +210,30 @@ nats per token):
 {format_table(sensitivity)}
 ```{timed}
 
-![frontier](gemma3_optimize{suffix(cost)}.png)
+![frontier]({out}.png)
 """
-    (DOCS / f"gemma3_optimize{suffix(cost)}.md").write_text(text)
+    (DOCS / f"{out}.md").write_text(text)
     return text
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=lambda text: text if "/" in text else float(text), default=0.5,
-                        help="share of the dense FFN cost, or k/8: that of uniform 8/k (0.5)")
+                        help="share of the dense FFN cost, or a candidate k/E: its cost on every layer (0.5)")
     parser.add_argument("--cost", choices=["flops", "latency"], default="flops",
                         help="the budget's cost: FFN FLOPs, or FFN latency in ONNX Runtime (flops)")
-    parser.add_argument("--top-k", type=int, nargs="+", default=[2, 4, 6], help="candidate k of 8 (2 4 6)")
+    parser.add_argument("--candidates", nargs="+", default=["2/8", "4/8", "6/8"],
+                        help="candidate splits k/E, k of E experts active (2/8 4/8 6/8)")
     parser.add_argument("--calibration-windows", type=int, default=64,
                         help="windows of 256 tokens of training prose to calibrate on (64)")
+    parser.add_argument("--out", help="name of the result files in docs/ (gemma3_optimize, with --cost latency "
+                        "gemma3_optimize_latency)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the doc from the saved result")
     args = parser.parse_args()
-    saved = DOCS / f"gemma3_optimize{suffix(args.cost)}.json"
+    args.out = args.out or f"gemma3_optimize{'' if args.cost == 'flops' else '_' + args.cost}"
+    saved = DOCS / f"{args.out}.json"
     result = json.loads(saved.read_text()) if args.report_only else run(args)
-    print(write_doc(result))
+    print(write_doc(result, args.out))
     return 0
 
 

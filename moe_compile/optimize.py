@@ -205,10 +205,11 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
     else:
         costs, latency_ms = _latencies(sites, reference, converted, target, threads, latency_tokens, progress)
     labels = [c.label for c in converted]
+    units = _units(costs)  # costs are compared in these integer units: shares of the dense cost are shares of them
+    share = units.sum(0) / units[:, 0].sum()  # each choice on every site, as a share of all dense
     budget_of = budget if isinstance(budget, str) else None
-    if budget_of is not None:  # that candidate on every site, in the plan's integer units, so it fits exactly
-        dense_units, units = _units(costs)[:, [0, 1 + labels.index(budget_of)]].sum(0)
-        budget = float(units / dense_units)
+    if budget_of is not None:  # that candidate on every site, so it fits exactly
+        budget = float(share[1 + labels.index(budget_of)])
 
     steps = tqdm(total=len(converted) + len(sites) * len(converted), desc="measuring sensitivity", unit="eval",
                  disable=not progress)
@@ -216,10 +217,10 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
     for j in range(len(converted)):
         uniform_scores.append(measured([j] * len(sites)))
         steps.update()
-    uniform = [{"choice": c.label, "active": c.active, "cost": float(costs[:, j + 1].sum() / costs[:, 0].sum()),
+    uniform = [{"choice": c.label, "active": c.active, "cost": float(share[j + 1]),
                 "perplexity": math.exp(s.loss), "divergence": s.divergence}
                for j, (c, s) in enumerate(zip(converted, uniform_scores))]
-    anchor = _anchor(_units(costs), [s.loss for s in uniform_scores], reference_score.loss, budget, quality)
+    anchor = _anchor(units, [s.loss for s in uniform_scores], reference_score.loss, budget, quality)
     anchored = reference_score if anchor < 0 else uniform_scores[anchor]
     window_changes = np.zeros((len(sites), 1 + len(converted), len(anchored.windows)))  # d_s(c) per window
     for i in range(len(sites)):
@@ -262,7 +263,7 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
         reference_perplexity=math.exp(reference_score.loss), plan=plan,
         predicted_perplexity=math.exp(anchored.loss + sum(p.predicted_change for p in plan)),
         perplexity=math.exp(result.loss), divergence=result.divergence, active=model_stats(built).active_fraction,
-        predicted_cost=float(sum(costs[i, j + 1] for i, j in enumerate(choices)) / costs[:, 0].sum()),
+        predicted_cost=float(sum(units[i, j + 1] for i, j in enumerate(choices)) / units[:, 0].sum()),
         uniform=uniform, frontier=[(share, math.exp(anchored.loss + change)) for share, change in frontier],
         latency_ms=latency_ms, seconds=time.perf_counter() - start)
     return built, report

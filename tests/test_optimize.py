@@ -185,7 +185,7 @@ def test_a_latency_budget_is_met_in_onnx_runtime_time(text):
                              cost="latency", latency_tokens=256, progress=False)
     uniform = {u["choice"]: u["cost"] for u in report.uniform}
     assert report.cost == "latency" and report.budget_of == "2/4"
-    assert report.budget == pytest.approx(uniform["2/4"], abs=1e-4)
+    assert report.budget == uniform["2/4"]  # the same integer cost units
     assert report.predicted_cost <= report.budget + 1e-4  # at most the latency of split 2/4 on every layer
     (shape, ms), = report.latency_ms.items()  # both sites have one shape: timed once per choice
     assert shape == "d 256, d_ff 4096, gelu_tanh, bias" and {"dense", "1/4, 0 shared"} < set(ms)
@@ -248,6 +248,23 @@ def test_a_plan_that_does_not_hold_on_the_other_half_gives_way_to_the_anchor(nan
     assert [p.choice for p in report.plan] == expected
     assert [f"{layer.router.top_k + (0 if layer.shared is None else layer.shared.width // layer.expert_width)}/4"
             for _, layer in mc.moe.iter_moe_layers(model)] == expected  # the model built is the plan reported
+
+
+def test_candidates_of_different_expert_counts_mix_in_one_plan(nanogpt, text, monkeypatch, tmp_path):
+    optimize_module = importlib.import_module("moe_compile.optimize")
+    monkeypatch.setattr(optimize_module, "_plan", lambda changes, costs, budget, allowance:
+                        ([0, 1], _plan(changes, costs, budget, allowance)[1]))  # site 0: 2 of 4, site 1: 4 of 8
+    monkeypatch.setattr(optimize_module, "_cross_fitted", lambda *args: -1.0)
+    candidates = [mc.MoEConfig(experts="split", num_experts=e, top_k=k, distill_steps=5) for e, k in ((4, 2), (8, 4))]
+    batches = calibration_batches(length=16, count=4, batch_size=4, data=text[:2000])
+    model, report = optimize(nanogpt, batches, text[2000:], budget=0.5, candidates=candidates, length=16, windows=4,
+                             progress=False)
+    assert [p.choice for p in report.plan] == ["2/4", "4/8"]
+    assert [model.moe_report.config_of(p.site).num_experts for p in report.plan] == [4, 8]
+    assert [layer.expert_width for _, layer in mc.moe.iter_moe_layers(model)] == [256 // 4, 256 // 8]
+    ids = text[:16][None]
+    reloaded = mc.load(mc.save(model, tmp_path / "plan"))
+    torch.testing.assert_close(logits_of(reloaded, ids), logits_of(model, ids))
 
 
 def test_a_quality_no_candidate_meets_is_refused():
