@@ -78,6 +78,16 @@ def _budget(text: str):
                                          "or a candidate's k/E (e.g. 4/8)") from None
 
 
+def _split(text: str) -> tuple[int, int]:
+    """optimize --candidates: a split k/E, k of E experts active per token."""
+    try:
+        k, experts = map(int, text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a candidate: give k/E, k of E split experts active per "
+                                         "token (e.g. 4/16)") from None
+    return k, experts
+
+
 # MoEConfig fields settable from the command line: flag -> (type, help)
 CONFIG_FLAGS = {
     "num_experts": (int, "experts per FFN site (default 8)"),
@@ -166,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
 
     optimizing = commands.add_parser(
         "optimize", help="choose per layer dense or k of E split experts, for an active-FFN or a quality budget",
-        description="Convert with every candidate (k of --num-experts split experts for each --top-k, calibrated), "
+        description="Convert with every candidate (k of --num-experts split experts for each --top-k, or each "
+                    "--candidates k/E; calibrated), "
                     "measure each on every layer on held-out text and, around the best within the goal, each "
                     "layer's change of divergence from dense when it alone takes another choice; then choose per "
                     "layer dense or a candidate: the least predicted loss within --budget (a share of the dense "
@@ -183,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     optimizing.add_argument("--out", required=True, metavar="DIR", help="directory to save the converted model to")
     optimizing.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 4, 6], metavar="K",
                             help="the candidates' experts per token, of --num-experts split experts (1 2 4 6)")
+    optimizing.add_argument("--candidates", type=_split, nargs="+", metavar="K/E",
+                            help="candidates of any expert counts, k of E active (e.g. 2/8 3/16 4/16 5/16), instead "
+                                 "of --top-k of --num-experts")
     optimizing.add_argument("--text", nargs="+", metavar="FILE", help="held-out text the layers' sensitivity is "
                                                                       "measured on (default: the standard library's "
                                                                       "validation split)")
@@ -504,7 +518,11 @@ def _optimize(args: argparse.Namespace) -> int:
     dense = _dense_model(args)
     text = _Text.for_model(args, dense)
     fields = {name: getattr(args, name) for name in CONFIG_FLAGS if hasattr(args, name) and name != "top_k"}
-    candidates = [MoEConfig(**fields, experts="split", top_k=k) for k in args.top_k]
+    experts = fields.pop("num_experts", MoEConfig.num_experts)
+    if args.candidates and "num_experts" in vars(args):
+        raise UsageError("--candidates name each candidate's expert count (k/E); drop --num-experts.")
+    splits = args.candidates or [(k, experts) for k in args.top_k]
+    candidates = [MoEConfig(**fields, experts="split", num_experts=e, top_k=k) for k, e in splits]
     model, report = optimize(dense, text.calibration_batches(args), text.tokens(args.text, "validation"),
                              budget=args.budget, quality=args.quality, candidates=candidates, length=text.length,
                              windows=args.windows, bos=text.bos, example_inputs=_token_ids(dense, *EXPORT_SHAPE),

@@ -284,6 +284,19 @@ def test_the_cli_saves_the_plan(budget, tmp_path, capsys):
     assert json.loads((tmp_path / "plan.json").read_text())["budget_of"] == (None if budget == "0.5" else budget)
 
 
+def test_the_cli_takes_candidates_of_different_expert_counts(tmp_path, capsys):
+    code = main(["optimize", "--example", "nanogpt", "--budget", "0.5", "--candidates", "1/4", "2/8",
+                 "--distill-steps", "2", "--calibration-windows", "4", "--windows", "2", "--length", "16",
+                 "--out", str(tmp_path / "plan"), "--json", str(tmp_path / "plan.json")])
+    assert code == 0
+    assert [u["choice"] for u in json.loads((tmp_path / "plan.json").read_text())["uniform"]] == ["1/4", "2/8"]
+    assert main(["optimize", "--example", "nanogpt", "--budget", "0.5", "--candidates", "1/4", "--num-experts", "8",
+                 "--out", str(tmp_path / "other")]) == 2
+    assert "--candidates name each candidate's expert count (k/E); drop --num-experts" in capsys.readouterr().err
+    assert main(["optimize", "--example", "nanogpt", "--budget", "0.5", "--candidates", "half", "--out", "plan"]) == 2
+    assert "'half' is not a candidate: give k/E" in capsys.readouterr().err
+
+
 def test_the_cli_refuses_a_budget_that_is_neither_a_share_nor_a_candidate(capsys):
     assert main(["optimize", "--example", "nanogpt", "--budget", "half", "--out", "plan"]) == 2
     assert "'half' is not a budget: give a share of the dense FFN cost (e.g. 0.5) or a candidate's k/E" in \
