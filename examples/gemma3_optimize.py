@@ -14,7 +14,8 @@ held-out prose (standard-library docstrings) and code (standard-library source),
 spread over each (all 12,800 of the prose, 16,384 of the code's 54k), BOS first, beside the dense model; and the
 transformer body of each (no LM head: the FFNs are about a quarter of the whole model's FLOPs) is exported (target
 portable) and timed in ONNX Runtime on a 512-token prompt, 1 thread, in round-robin blocks. Writes
-docs/gemma3_optimize.json, .md and .png (gemma3_optimize_latency.* for a latency budget, or --out); keeps the
+docs/gemma3_optimize.json, .md and .png (gemma3_optimize_latency.* for a latency budget, or --out), with the plan's
+change of held-out loss from the best uniform split window by window (--paired adds it to a saved run); keeps the
 plan and the uniform models in the cache.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import sys
@@ -31,9 +33,11 @@ from pathlib import Path
 
 import onnxruntime
 import torch
+import torch.nn.functional as F
 
 import moe_compile as mc
-from moe_compile.example_text import calibration_batches, score, scored_windows, stdlib_prose, stdlib_text, token_ids
+from moe_compile.example_text import (calibration_batches, scored_windows, stdlib_prose, stdlib_text, token_ids,
+                                      window_logits)
 from moe_compile.optimize import optimize
 from moe_compile.table import format_table
 from moe_compile.timing import ort_session, time_round_robin
@@ -58,9 +62,29 @@ def body_latency(models: dict, workdir: Path) -> dict:
     return time_round_robin(calls, blocks=5, per_block=2)
 
 
-def measure(model, texts: dict, bos: int) -> dict:
-    return {name: score(model, ids, length=LENGTH, max_windows=EVAL_WINDOWS, bos=bos, spread=True)[0]
-            for name, ids in texts.items()}
+def held_out_texts(tokenizer) -> dict:
+    """{text: token ids} of the held-out prose (standard-library docstrings) and code (standard-library source)."""
+    return {"prose": token_ids(stdlib_prose("validation"), tokenizer),
+            "code": token_ids(stdlib_text("validation"), tokenizer)}
+
+
+def window_losses(model, texts: dict, bos: int) -> dict:
+    """{text: the model's mean next-token cross-entropy on each held-out window [windows]}: up to EVAL_WINDOWS of
+    LENGTH tokens spread over the text, BOS first (perplexity = exp of their mean: the windows are equally long)."""
+    losses = {}
+    for name, ids in texts.items():
+        inputs, targets = scored_windows(ids, LENGTH, EVAL_WINDOWS, bos, spread=True)
+        losses[name] = torch.cat([F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1)
+                                  for logits, y in window_logits(model, inputs, targets, bos is not None)])
+    return losses
+
+
+def paired(plan: dict, uniform: dict) -> dict:
+    """Per text, the plan's change of held-out loss from the uniform split's, window by window over the same
+    windows: mean and standard error (nats), and in how many windows it is lower."""
+    changes = {text: plan[text] - uniform[text] for text in plan}
+    return {text: {"change": d.mean().item(), "error": (d.std() / math.sqrt(len(d))).item(),
+                   "lower": int((d < 0).sum()), "windows": len(d)} for text, d in changes.items()}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -73,8 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     calibration = calibration_batches(LENGTH, args.calibration_windows, batch_size=4, data=calibration_part, bos=bos)
     sample = args.calibration_windows * LENGTH  # every calibration token in each site's sample (distillation overfits
     #                                             a small one: 4,096 tokens measured 1.52x dense at 8/4, 16,384 1.35x)
-    held_out = {"prose": token_ids(stdlib_prose("validation"), tokenizer),
-                "code": token_ids(stdlib_text("validation"), tokenizer)}
+    held_out = held_out_texts(tokenizer)
     candidates = [split(label, sample) for label in args.candidates]
     start = time.perf_counter()
     moe, report = optimize(dense, calibration, sensitivity_part, budget=args.budget, candidates=candidates,
@@ -89,17 +112,20 @@ def run(args: argparse.Namespace) -> dict:
     for label in fitting:  # every uniform split within the budget, the best of them (the anchor) among them
         models[f"uniform split {label}"] = uniform(dense, label, sample, calibration)
     mc.save(moe, CACHE.parent / "gemma3-optimize" / args.out)
-    models[f"optimize, {args.cost} budget {budget_label(report)}"] = (moe, optimize_s)
+    plan_name = f"optimize, {args.cost} budget {budget_label(report)}"
+    models[plan_name] = (moe, optimize_s)
     with tempfile.TemporaryDirectory() as workdir:
         latency = body_latency({name: model for name, (model, _) in models.items()}, Path(workdir))
+    losses = {name: window_losses(model, held_out, bos) for name, (model, _) in models.items()}
     rows = [{"model": name, "active": 1.0 if model is dense else mc.model_stats(model).active_fraction,
-             "seconds": seconds, "body_ms": 1000 * latency[name], **measure(model, held_out, bos)}
+             "seconds": seconds, "body_ms": 1000 * latency[name],
+             **{text: math.exp(loss.mean()) for text, loss in losses[name].items()}}
             for name, (model, seconds) in models.items()]
     result = {"command": " ".join(sys.argv[1:]), "budget": args.budget, "cost": args.cost,
               "candidates": args.candidates, "calibration_tokens": sample,
               "eval_tokens": {name: scored_windows(ids, LENGTH, EVAL_WINDOWS)[1].numel()
                               for name, ids in held_out.items()},
-              "rows": rows,
+              "rows": rows, "paired": paired(losses[plan_name], losses[f"uniform split {anchor_label(report.anchor)}"]),
               "report": report.to_dict(), "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "machine": {"threads": torch.get_num_threads(), "python": platform.python_version(),
                           "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
@@ -126,6 +152,23 @@ def uniform(dense, label: str, sample: int, calibration: list) -> tuple:
     seconds = time.perf_counter() - start
     mc.save(model, path)
     return model, seconds
+
+
+def anchor_label(anchor: str) -> str:
+    """optimize's anchor "uniform k/E" (the best uniform split within the budget) as "k/E"."""
+    return anchor.removeprefix("uniform ")
+
+
+def add_paired(result: dict, out: str) -> dict:
+    """A saved run's plan against its best uniform split, window by window: both from the cache."""
+    _, tokenizer = load(fetch())
+    held_out, root = held_out_texts(tokenizer), CACHE.parent / "gemma3-optimize"
+    label = anchor_label(result["report"]["anchor"])
+    uniform_model = mc.load(root / f"uniform-{label.replace('/', '-of-')}-{result['calibration_tokens']}")
+    result["paired"] = paired(window_losses(mc.load(root / out), held_out, tokenizer.bos_token_id),
+                              window_losses(uniform_model, held_out, tokenizer.bos_token_id))
+    (DOCS / f"{out}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def budget_label(report) -> str:
@@ -174,6 +217,11 @@ def write_doc(result: dict, out: str) -> str:
     held_out = ("8 windows of 256 tokens each, from the start of each text" if "eval_tokens" not in result else
                 ", ".join(f"{tokens:,} tokens of {name}" for name, tokens in result["eval_tokens"].items())
                 + "; windows of 256 tokens spread over each text")  # runs before 64 spread windows took 8
+    pairs = "" if "paired" not in result else (  # runs before it had none
+        f"\nThe plan against uniform {anchor_label(report['anchor'])}, window by window over the same held-out windows "
+        "(change of loss, nats per token, ± its standard error): " + "; ".join(
+            f"{text} {p['change']:+.4f} ± {p['error']:.4f}, lower in {p['lower']} of {p['windows']} windows"
+            for text, p in result["paired"].items()) + ".\n")
     calibrated = result.get("calibration_tokens", 16 * LENGTH)  # runs before --calibration-windows took 16 windows
     text = f"""# Per-layer sparsity for Gemma 3 270M (`optimize`, {"latency" if latency else "FLOP"} budget)
 
@@ -194,7 +242,7 @@ median of 5 round-robin blocks.
 ```
 {format_table(table)}
 ```
-
+{pairs}
 The plan, and each choice's change of the divergence from dense (KL over dense's 256 likeliest tokens, nats per
 token) at each layer when it alone changes from {report['anchor']}{errors}:
 
@@ -229,10 +277,14 @@ def main() -> int:
     parser.add_argument("--out", help="name of the result files in docs/ (gemma3_optimize, with --cost latency "
                         "gemma3_optimize_latency)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the doc from the saved result")
+    parser.add_argument("--paired", action="store_true", help="add to the saved result the plan's change from the "
+                        "best uniform split window by window (both models from the cache), and rewrite the doc")
     args = parser.parse_args()
     args.out = args.out or f"gemma3_optimize{'' if args.cost == 'flops' else '_' + args.cost}"
     saved = DOCS / f"{args.out}.json"
-    result = json.loads(saved.read_text()) if args.report_only else run(args)
+    result = json.loads(saved.read_text()) if args.report_only or args.paired else run(args)
+    if args.paired:
+        result = add_paired(result, args.out)
     print(write_doc(result, args.out))
     return 0
 
