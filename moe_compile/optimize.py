@@ -206,10 +206,10 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
         costs, latency_ms = _latencies(sites, reference, converted, target, threads, latency_tokens, progress)
     labels = [c.label for c in converted]
     units = _units(costs)  # costs are compared in these integer units: shares of the dense cost are shares of them
-    share = units.sum(0) / units[:, 0].sum()  # each choice on every site, as a share of all dense
+    uniform_cost = units.sum(0) / units[:, 0].sum()  # each choice on every site, as a share of all dense
     budget_of = budget if isinstance(budget, str) else None
     if budget_of is not None:  # that candidate on every site, so it fits exactly
-        budget = float(share[1 + labels.index(budget_of)])
+        budget = float(uniform_cost[1 + labels.index(budget_of)])
 
     steps = tqdm(total=len(converted) + len(sites) * len(converted), desc="measuring sensitivity", unit="eval",
                  disable=not progress)
@@ -217,7 +217,7 @@ def optimize(model: nn.Module, calibration_data: Iterable[Any], held_out: torch.
     for j in range(len(converted)):
         uniform_scores.append(measured([j] * len(sites)))
         steps.update()
-    uniform = [{"choice": c.label, "active": c.active, "cost": float(share[j + 1]),
+    uniform = [{"choice": c.label, "active": c.active, "cost": float(uniform_cost[j + 1]),
                 "perplexity": math.exp(s.loss), "divergence": s.divergence}
                for j, (c, s) in enumerate(zip(converted, uniform_scores))]
     anchor = _anchor(units, [s.loss for s in uniform_scores], reference_score.loss, budget, quality)
