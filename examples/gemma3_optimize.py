@@ -45,6 +45,7 @@ from moe_compile.timing import ort_session, time_round_robin
 from gemma3 import CACHE, fetch, load  # examples/gemma3.py, beside this script
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+SAVED = CACHE.parent / "gemma3-optimize"  # the plans and uniform splits converted
 LENGTH, EVAL_WINDOWS, SENSITIVITY_WINDOWS = 256, 64, 16
 PROMPT = 512  # tokens of the timed prompt
 
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     models = {"dense": (dense, None)}
     for label in fitting:  # every uniform split within the budget, the best of them (the anchor) among them
         models[f"uniform split {label}"] = uniform(dense, label, sample, calibration)
-    mc.save(moe, CACHE.parent / "gemma3-optimize" / args.out)
+    mc.save(moe, SAVED / args.out)
     plan_name = f"optimize, {args.cost} budget {budget_label(report)}"
     models[plan_name] = (moe, optimize_s)
     with tempfile.TemporaryDirectory() as workdir:
@@ -144,7 +145,7 @@ def uniform(dense, label: str, sample: int, calibration: list) -> tuple:
     """Uniform split `label` of Gemma, converted with the same calibration as optimize's candidates, and the seconds
     its conversion took; cached by label (conversion is deterministic: the cached model is the one this run would
     convert), seconds None when loaded from the cache."""
-    path = CACHE.parent / "gemma3-optimize" / f"uniform-{label.replace('/', '-of-')}-{sample}"
+    path = uniform_path(label, sample)
     if path.exists():
         return mc.load(path), None
     start = time.perf_counter()
@@ -152,6 +153,10 @@ def uniform(dense, label: str, sample: int, calibration: list) -> tuple:
     seconds = time.perf_counter() - start
     mc.save(model, path)
     return model, seconds
+
+
+def uniform_path(label: str, sample: int) -> Path:
+    return SAVED / f"uniform-{label.replace('/', '-of-')}-{sample}"
 
 
 def anchor_label(anchor: str) -> str:
@@ -162,10 +167,9 @@ def anchor_label(anchor: str) -> str:
 def add_paired(result: dict, out: str) -> dict:
     """A saved run's plan against its best uniform split, window by window: both from the cache."""
     _, tokenizer = load(fetch())
-    held_out, root = held_out_texts(tokenizer), CACHE.parent / "gemma3-optimize"
-    label = anchor_label(result["report"]["anchor"])
-    uniform_model = mc.load(root / f"uniform-{label.replace('/', '-of-')}-{result['calibration_tokens']}")
-    result["paired"] = paired(window_losses(mc.load(root / out), held_out, tokenizer.bos_token_id),
+    held_out = held_out_texts(tokenizer)
+    uniform_model = mc.load(uniform_path(anchor_label(result["report"]["anchor"]), result["calibration_tokens"]))
+    result["paired"] = paired(window_losses(mc.load(SAVED / out), held_out, tokenizer.bos_token_id),
                               window_losses(uniform_model, held_out, tokenizer.bos_token_id))
     (DOCS / f"{out}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
